@@ -1,0 +1,151 @@
+"""`tapir` command line: parses arguments and calls library functions. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set download.image_size=512")
+    p.add_argument("--ray-address", help="run on an existing Ray cluster (also $RAY_ADDRESS)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _flags_to_overrides(args) -> list[str]:
+    out = []
+    for flag, key in (("url_list", "input.path"), ("output", "output"), ("input_format", "input.format"),
+                      ("preset", "input.preset"), ("url_col", "input.url_col"),
+                      ("caption_col", "input.caption_col"), ("image_size", "download.image_size"),
+                      ("resize_mode", "download.resize_mode"), ("ray_address", "resources.ray_address")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"{key}={value}")
+    if getattr(args, "allow_loopback", False):
+        out.append("download.fetch.allow_loopback=true")
+    return out + args.overrides
+
+
+def _load(args):
+    overrides = _flags_to_overrides(args)
+    return load_config(args.config, overrides)
+
+
+def cmd_download(args) -> int:
+    from pipeline.download import download
+    from pipeline.report import format_funnel
+
+    cfg = _load(args)
+    funnel = download(cfg)
+    print(format_funnel(funnel))
+    print(f"raw shards: {cfg.raw_dir}")
+    return 1 if funnel.get("failed_shards") else 0
+
+
+def cmd_run(args) -> int:
+    from pipeline.report import report
+
+    code = cmd_download(args)
+    cfg = _load(args)
+    _, path = report(Path(cfg.output))
+    print(f"report: {path}")
+    return code
+
+
+def cmd_report(args) -> int:
+    from pipeline.report import format_funnel, report
+
+    funnel, path = report(Path(args.run_dir))
+    print(format_funnel(funnel["download"]))
+    print(f"written: {path}")
+    return 0 if funnel["download"]["lineage_ok"] else 1
+
+
+def cmd_demo(args) -> int:
+    from pipeline.demo import demo
+
+    return demo(Path(args.output), rows=args.rows, config=CONFIGS / "demo.yaml", overrides=args.overrides)
+
+
+def cmd_config(args) -> int:
+    from pipeline.config import reference
+
+    if args.reference:
+        print("| key | default | description |\n| --- | --- | --- |")
+        for key, default, desc in reference():
+            print(f"| `{key}` | {f'`{default}`' if default else ''} | {desc} |")
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(cfg.model_dump(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tapir", description=__doc__.split(":")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("download", help="download a URL list into RUN/raw/ (img2dataset, hardened)")
+    p.add_argument("config", nargs="?", help="run config YAML (or give --url-list and --output)")
+    p.add_argument("--url-list", help="URL list file or folder (parquet, csv, tsv, jsonl)")
+    p.add_argument("--output", help="run folder")
+    p.add_argument("--input-format", choices=["auto", "parquet", "csv", "tsv", "jsonl"])
+    p.add_argument("--preset", choices=["laion", "cc3m", "datacomp"], help="input column preset")
+    p.add_argument("--url-col")
+    p.add_argument("--caption-col")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--resize-mode", choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"])
+    p.add_argument("--allow-loopback", action="store_true", help="allow 127.0.0.1/::1 (tests and demos)")
+    _common(p)
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("run", help="run every stage of a config, then the report")
+    p.add_argument("config")
+    _common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="print and write the funnel of a run folder")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report, verbose=False)
+
+    p = sub.add_parser("demo", help="build a synthetic web, serve it on loopback, run the pipeline on it")
+    p.add_argument("--output", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--rows", type=int, default=300, help="rows in the synthetic web")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", help="validate a config and print it resolved, or print the reference")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--reference", action="store_true", help="print every key with default and description")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.set_defaults(func=cmd_config, verbose=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"tapir: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        from pipeline.inputs import InputError
+
+        if isinstance(e, (InputError, FileNotFoundError)):
+            print(f"tapir: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Typed run configs: a YAML file is an instance of ``RunConfig``.
+
+Every field has a description (it is the config reference in the README, printed by
+``tapir config --help-fields``). Unknown keys and bad values fail at load time, before
+any work starts, with the dotted name of the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PRESETS = {
+    # name: (url column, caption column)
+    "laion": ("URL", "TEXT"),
+    "cc3m": ("url", "caption"),
+    "datacomp": ("url", "text"),
+}
+
+
+class InputConfig(_Strict):
+    path: str = Field(description="URL list: a file or a folder of files (parquet, csv, tsv, jsonl).")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = Field(
+        "auto", description="Input format; 'auto' takes it from the file extension.")
+    preset: Optional[Literal["laion", "cc3m", "datacomp"]] = Field(
+        None, description="Column names of a known dataset: laion (URL, TEXT), cc3m (url, caption; "
+        "header-less tsv accepted), datacomp (uid, url, text).")
+    url_col: Optional[str] = Field(None, description="URL column (overrides the preset).")
+    caption_col: Optional[str] = Field(None, description="Alt-text column (overrides the preset); null for none.")
+    extra_cols: list[str] | Literal["all"] = Field(
+        "all", description="Other input columns carried into raw/ metadata: 'all' or a list.")
+
+    def columns(self) -> tuple[str, Optional[str]]:
+        url, cap = PRESETS.get(self.preset or "", ("url", "caption"))
+        return self.url_col or url, self.caption_col if self.caption_col is not None else cap
+
+
+class FetchConfig(_Strict):
+    allow_loopback: bool = Field(
+        False, description="Allow fetching from loopback addresses (tests and the demo). "
+        "Private, link-local, metadata and multicast addresses stay refused.")
+    max_bytes: int = Field(20_000_000, gt=0, description="Largest response body read, in bytes.")
+    max_pixels: int = Field(89_478_485, gt=0, description="Largest image (width x height) decoded; "
+                            "checked on the header, before decoding.")
+    max_redirects: int = Field(5, ge=0, description="Redirect hops followed per URL.")
+    read_deadline: float = Field(30.0, gt=0, description="Wall-clock cap on reading one body, seconds.")
+
+
+class DownloadConfig(_Strict):
+    image_size: int = Field(256, gt=0, description="Target side of resized images, pixels.")
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = Field(
+        "keep_ratio", description="img2dataset resize mode.")
+    resize_only_if_bigger: bool = Field(False, description="Only downscale, never upscale.")
+    encode_format: Literal["jpg", "png", "webp"] = Field("jpg", description="Image format stored in raw/.")
+    encode_quality: int = Field(95, ge=0, le=100, description="JPEG/WebP quality (PNG: compression 0-9).")
+    min_image_size: int = Field(0, ge=0, description="Refuse images whose shorter side is smaller.")
+    max_aspect_ratio: Optional[float] = Field(None, gt=1, description="Refuse images more elongated than this.")
+    samples_per_shard: int = Field(1000, gt=0, description="Rows per shard (the unit of work and resume).")
+    threads: int = Field(32, gt=0, description="Download threads per shard task.")
+    timeout: float = Field(10.0, gt=0, description="Socket timeout per connect/read, seconds.")
+    retries: int = Field(0, ge=0, description="Immediate per-URL retries inside a shard (img2dataset's).")
+    retry_passes: int = Field(2, ge=0, description="Later passes that retry rows failed with a "
+                              "retryable error (timeout, connection reset, 429, 5xx).")
+    retry_wait: float = Field(2.0, ge=0, description="Seconds to wait before retry pass N (times N).")
+    compute_hash: Optional[Literal["md5", "sha256", "sha512"]] = Field(
+        "sha256", description="Hash of the downloaded bytes stored per row.")
+    user_agent_token: Optional[str] = Field("tapir", description="Token added to the User-Agent; "
+                                            "also matched in X-Robots-Tag directives.")
+    disallowed_header_directives: list[str] = Field(
+        ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that opt an image out.")
+    fetch: FetchConfig = Field(default_factory=FetchConfig, description="Hardened fetch settings.")
+
+
+class ResourcesConfig(_Strict):
+    ray_address: Optional[str] = Field(None, description="Existing Ray cluster ('auto', 'HOST:PORT'); "
+                                       "null starts Ray in-process on this machine.")
+    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs for the embedded local Ray (null: all).")
+    download_tasks: Optional[int] = Field(None, gt=0, description="Shard tasks in flight (null: one per CPU).")
+
+
+class RunConfig(_Strict):
+    output: str = Field(description="Run folder; each stage writes a subfolder (raw/, ...).")
+    input: InputConfig
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.download.encode_format == "png" and self.download.encode_quality > 9:
+            raise ValueError("download.encode_quality must be 0-9 (compression) when encode_format is png")
+        return self
+
+    @property
+    def raw_dir(self) -> Path:
+        return Path(self.output) / "raw"
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings; values parse as YAML (numbers, bools, lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Load a YAML config (or a dict), apply overrides, validate; raise ConfigError naming the key."""
+    data = dict(base or {})
+    source = "(flags)"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path}: top level must be a mapping")
+        data.update(loaded)
+    apply_overrides(data, list(overrides))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def reference(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field: the config reference."""
+    rows = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        key = prefix + name
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.append((key, "", f.description or ""))
+            rows.extend(reference(ann, key + "."))
+        else:
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            rows.append((key, default, f.description or ""))
+    return rows

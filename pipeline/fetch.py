@@ -1,0 +1,191 @@
+"""Hardened HTTP fetching for the download stage.
+
+img2dataset fetches with ``urllib.request.urlopen`` and no scheme, address or size
+checks. Tapir keeps img2dataset's downloader and installs an opener (urllib's own
+extension point, ``urllib.request.install_opener``) in each download worker that:
+
+- speaks only http and https (no ``file:``, ``ftp:``, ``data:``), and no proxies;
+- resolves the host itself and refuses loopback, private, link-local (cloud metadata
+  included), multicast, unspecified and reserved addresses, then connects to the
+  vetted address, so what is checked is what is connected to (no DNS rebinding);
+  every redirect hop goes through the same check;
+- caps redirects, bytes read (declared and actual) and the wall time of a body read.
+
+``FetchPolicy.allow_loopback`` is the only switch: it opens loopback for tests and the
+demo. Nothing else turns the checks off.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import time
+import urllib.request
+from dataclasses import dataclass
+
+# Markers at the start of every error this module raises; pipeline.download maps them
+# to the row's error_reason.
+REFUSED = "tapir-refused"
+TOO_LARGE = "tapir-too-large"
+DEADLINE = "tapir-deadline"
+
+
+class FetchRefused(OSError):
+    """The fetcher refused a URL or an address before connecting."""
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    allow_loopback: bool = False
+    max_bytes: int = 20_000_000
+    max_redirects: int = 5
+    read_deadline: float = 30.0
+
+
+def address_class(ip: str) -> str | None:
+    """The refused class of an IP address, or None when it is a public unicast address."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_loopback:
+        return "loopback"
+    if str(addr) in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200"):
+        return "cloud-metadata"
+    if addr.is_link_local:
+        return "link-local"
+    if addr.is_multicast:
+        return "multicast"
+    if addr.is_unspecified:
+        return "unspecified"
+    if addr.is_private:
+        return "private"
+    if addr.is_reserved or not addr.is_global:
+        return "reserved"
+    return None
+
+
+def vet_address(ip: str, policy: FetchPolicy) -> None:
+    kind = address_class(ip)
+    if kind is None or (kind == "loopback" and policy.allow_loopback):
+        return
+    raise FetchRefused(f"{REFUSED}: {kind} address {ip}")
+
+
+def _vetted_connection(address, timeout, source_address, policy: FetchPolicy):
+    """Resolve, vet every candidate address, connect to the first vetted one."""
+    host, port = address
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise OSError(f"dns failure for {host}: {err}") from err
+    for *_, sockaddr in infos:  # refuse if any record is refused: no mixed answers
+        vet_address(sockaddr[0], policy)
+    err = None
+    for family, socktype, proto, _, sockaddr in infos:
+        sock = socket.socket(family, socktype, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            err = exc
+            sock.close()
+    raise err or OSError(f"no address for {host}")
+
+
+class CappedResponse(http.client.HTTPResponse):
+    """An HTTP response whose body read is capped in bytes and in wall time."""
+
+    policy: FetchPolicy = FetchPolicy()
+
+    def begin(self):
+        super().begin()
+        self._started = time.monotonic()
+        declared = self.getheader("Content-Length")
+        if declared and declared.isdigit() and int(declared) > self.policy.max_bytes:
+            self.close()
+            raise OSError(f"{TOO_LARGE}: declared {declared} bytes > cap {self.policy.max_bytes}")
+
+    def read(self, amt=None):
+        if amt is not None:
+            return self._checked(super().read(amt))
+        chunks, total = [], 0
+        while True:
+            chunk = self._checked(self.read1(65536))  # what has arrived: a trickle cannot stall the deadline
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            if total > self.policy.max_bytes:
+                self.close()
+                raise OSError(f"{TOO_LARGE}: more than {self.policy.max_bytes} bytes")
+            chunks.append(chunk)
+
+    def _checked(self, data):
+        if time.monotonic() - self._started > self.policy.read_deadline:
+            self.close()
+            raise TimeoutError(f"{DEADLINE}: body not read within {self.policy.read_deadline}s")
+        return data
+
+
+def _connection_classes(policy: FetchPolicy):
+    response = type("PolicyResponse", (CappedResponse,), {"policy": policy})
+
+    def create(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, *a, **k):
+        return _vetted_connection(address, timeout, source_address, policy)
+
+    def init(self, *args, **kwargs):
+        super(type(self), self).__init__(*args, **kwargs)
+        self._create_connection = create  # http.client sets this per instance in __init__
+
+    attrs = {"response_class": response, "__init__": init}
+    http_cls = type("VettedHTTPConnection", (http.client.HTTPConnection,), attrs)
+    https_cls = type("VettedHTTPSConnection", (http.client.HTTPSConnection,), attrs)
+    return http_cls, https_cls
+
+
+def build_opener(policy: FetchPolicy) -> urllib.request.OpenerDirector:
+    """An opener that only speaks vetted http(s); usable directly or installed globally."""
+    http_cls, https_cls = _connection_classes(policy)
+
+    class VettedHTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(http_cls, req)
+
+    class VettedHTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(https_cls, req, context=self._context)
+
+    class CappedRedirectHandler(urllib.request.HTTPRedirectHandler):
+        max_redirections = policy.max_redirects
+
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            scheme = newurl.split(":", 1)[0].lower()
+            if scheme not in ("http", "https"):
+                raise FetchRefused(f"{REFUSED}: redirect to scheme {scheme!r}")
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    class RefuseOtherSchemes(urllib.request.BaseHandler):
+        def unknown_open(self, req):
+            raise FetchRefused(f"{REFUSED}: scheme {req.type!r}")
+
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler({}),  # never route through an environment proxy
+        RefuseOtherSchemes(),
+        VettedHTTPHandler(),
+        VettedHTTPSHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        CappedRedirectHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+def install(policy: FetchPolicy) -> None:
+    """Route every ``urllib.request.urlopen`` of this process (img2dataset's) through the policy."""
+    urllib.request.install_opener(build_opener(policy))

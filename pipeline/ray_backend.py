@@ -1,0 +1,153 @@
+"""The one module that touches Ray.
+
+Stages are plain callables; this module starts (or joins) Ray and runs them as tasks,
+one per shard, with a progress bar. A Ray API change touches this file only.
+
+Network hygiene: a local Ray's dashboard probes the cloud metadata address
+(169.254.169.254) at start-up unless ``$HOME/ray_bootstrap_config.yaml`` exists, and a
+cluster started with ``ray start`` reports "usage stats disabled" to ray.io. Tapir
+starts its embedded Ray with usage stats off, the report URL pointed at a closed
+loopback port, and Ray's processes given a HOME that holds an empty bootstrap config
+(Ray keeps its auth token there too); workers get ``XDG_CACHE_HOME`` set to the user's
+cache, so model caches stay where they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+# Settings every process Ray starts must see, set in the driver before Ray starts.
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",  # discard port on loopback, never ray.io
+    "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations asks PyPI for updates on import otherwise
+    "WANDB_MODE": "disabled",  # img2dataset imports wandb
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def quiet_env() -> None:
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def bootstrap_home() -> Path:
+    """A HOME for Ray's own processes holding an empty ray_bootstrap_config.yaml (no cloud probe)."""
+    home = Path(tempfile.gettempdir()) / f"tapir-ray-home-{os.getuid()}"
+    home.mkdir(exist_ok=True)
+    cfg = home / "ray_bootstrap_config.yaml"
+    if not cfg.exists():
+        cfg.write_text("{}\n")
+    return home
+
+
+@contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def init(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or $RAY_ADDRESS), else start Ray in-process bound to 127.0.0.1."""
+    import ray
+
+    quiet_env()
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # Ray's processes (and so its workers) get the bootstrap HOME; caches stay in the user's.
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    worker_env = {"env_vars": {k: os.environ[k] for k in QUIET_ENV} | {"XDG_CACHE_HOME": cache}}
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=worker_env, log_to_driver=True, logging_level=logging.WARNING)
+        return
+    with _env(HOME=str(bootstrap_home())):
+        ray.init(
+            num_cpus=num_cpus,
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            runtime_env=worker_env,
+            logging_level=logging.WARNING,
+        )
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
+    return fn(item)
+
+
+def run_tasks(
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    *,
+    desc: str,
+    num_cpus: float = 1,
+    max_in_flight: int | None = None,
+    weight: Callable[[Any], int] = lambda item: 1,
+    unit: str = "shard",
+) -> Iterator[tuple[Any, Any]]:
+    """Run ``fn(item)`` as Ray tasks; yield ``(item, result)`` as they finish.
+
+    A task that raises is yielded as ``(item, exception)``: one bad shard never stops
+    the others. The bar advances by ``weight(item)`` (rows, say) per finished task.
+    """
+    import ray
+
+    items = list(items)
+    remote = ray.remote(num_cpus=num_cpus, max_retries=1)(_apply)
+    limit = max_in_flight or max(1, int(cluster_cpus() / max(num_cpus, 1e-3)))
+    pending: dict = {}
+    queue = iter(items)
+    bar = tqdm(total=sum(weight(i) for i in items), desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1)
+    try:
+        while True:
+            while len(pending) < limit:
+                item = next(queue, None)
+                if item is None:
+                    break
+                pending[remote.remote(fn, item)] = item
+            if not pending:
+                return
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                item = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as err:  # a failed task is data, reported to the caller
+                    result = err
+                bar.update(weight(item))
+                yield item, result
+    finally:
+        bar.close()
+        for ref in pending:
+            ray.cancel(ref, force=True)
