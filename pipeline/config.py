@@ -93,9 +93,9 @@ class ResourcesConfig(_Strict):
 
 class RunConfig(_Strict):
     output: str = Field(description="Run folder; each stage writes a subfolder (raw/, ...).")
-    input: InputConfig
-    download: DownloadConfig = Field(default_factory=DownloadConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    input: InputConfig = Field(description="The URL list and its columns.")
+    download: DownloadConfig = Field(default_factory=DownloadConfig, description="The download stage.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray and concurrency.")
 
     @model_validator(mode="after")
     def _check(self):

@@ -35,7 +35,7 @@ RETRYABLE = {"timeout", "connection_error", "http_5xx", "http_429"}
 # (pattern on error_message, reason); first match wins.
 _REASONS = [
     (REFUSED + r": .*address", "refused_address"),
-    (REFUSED, "refused_scheme"),
+    (REFUSED + r"|Redirection to url .* is not allowed", "refused_scheme"),
     (TOO_LARGE, "too_many_bytes"),
     (DEADLINE + r"|timed out|timeout", "timeout"),
     (r"HTTP Error 404", "http_404"),

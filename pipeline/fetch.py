@@ -58,9 +58,11 @@ def address_class(ip: str) -> str | None:
         return "multicast"
     if addr.is_unspecified:
         return "unspecified"
+    if addr.is_reserved:
+        return "reserved"
     if addr.is_private:
         return "private"
-    if addr.is_reserved or not addr.is_global:
+    if not addr.is_global:
         return "reserved"
     return None
 

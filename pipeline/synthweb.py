@@ -96,7 +96,7 @@ def render(scene: Scene, width: int, height: int, seed: int) -> Image.Image:
                 if (x // step + y // step) % 2:
                     draw.rectangle([x, y, x + step, y + step], fill=(90, 90, 90))
     elif bg == "noisy":
-        noise = Image.effect_noise((width, height), 40).convert("RGB")
+        noise = Image.frombytes("L", (width, height), rng.randbytes(width * height)).convert("RGB")
         img = Image.blend(img, noise, 0.5)
         draw = ImageDraw.Draw(img)
     side = min(width, height)
@@ -153,7 +153,7 @@ class Resource:
     trickle: float = 0.0        # seconds between 64-byte pieces of the body
     fail_first: int = 0         # answer 503 to the first N requests
     drop: bool = False          # close the connection without an answer
-    redirect: str | None = None  # Location (a path on this server or an absolute URL)
+    redirect: str | None = None  # Location, sent as is (a relative path or an absolute URL)
 
 
 @dataclass
@@ -314,8 +314,7 @@ class _Handler(BaseHTTPRequestHandler):
         if res.delay and server.stopped.wait(res.delay):
             return
         if res.redirect:
-            loc = res.redirect if "://" in res.redirect else server.base_url + res.redirect
-            return self._send(res.status, b"", "text/plain", {"Location": loc})
+            return self._send(res.status, b"", "text/plain", {"Location": res.redirect})
         if res.trickle:
             self.send_response(res.status)
             self.send_header("Content-Type", res.content_type)

@@ -1,0 +1,94 @@
+"""Test-wide fixtures: the socket guard in every process, the synthetic web, a local Ray.
+
+No test may contact any address but loopback. The guard (tests/netguard) is installed
+in this process and, through PYTHONPATH + sitecustomize, in every Python process the
+tests start (CLI subprocesses, Ray's dashboard and workers). Any refused attempt is
+logged; a test during which one happens fails, even if the code under test swallowed
+the error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+GUARD_DIR = HERE / "netguard"
+sys.path.insert(0, str(GUARD_DIR))
+
+import tapir_netguard  # noqa: E402
+
+
+def pytest_configure(config):
+    log = Path(os.environ.get("TAPIR_NETGUARD_LOG") or (Path(config.rootpath) / ".pytest_cache" / "netguard.log"))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    os.environ["TAPIR_NETGUARD_LOG"] = str(log)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GUARD_DIR), os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    tapir_netguard.install()
+
+
+def violations() -> list[str]:
+    return [l for l in Path(os.environ["TAPIR_NETGUARD_LOG"]).read_text().splitlines() if "VIOLATION" in l]
+
+
+@pytest.fixture(autouse=True)
+def no_packet_leaves_loopback():
+    before = len(violations())
+    tapir_netguard.ATTEMPTS.clear()
+    yield
+    new = violations()[before:]
+    assert not new, "a process tried to reach a non-loopback address:\n" + "\n".join(new)
+
+
+@pytest.fixture(scope="session")
+def world():
+    from pipeline.synthweb import build_world
+
+    return build_world(60, seed=3)
+
+
+@pytest.fixture(scope="session")
+def web(world):
+    from pipeline.synthweb import WebServer
+
+    with WebServer(world) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def url_list(web, world, tmp_path_factory):
+    path = tmp_path_factory.mktemp("web") / "urls.parquet"
+    return world.write_url_list(str(path), web.base_url)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    from pipeline import ray_backend
+
+    ray_backend.init(num_cpus=2)
+    yield
+    ray_backend.shutdown()
+
+
+FAST = [
+    "download.fetch.allow_loopback=true", "download.timeout=2", "download.fetch.read_deadline=3",
+    "download.fetch.max_bytes=2000000", "download.retry_wait=0", "download.samples_per_shard=25",
+    "download.threads=16", "download.image_size=64", "input.preset=laion",
+]
+
+
+def make_config(output, url_list, *overrides):
+    from pipeline.config import load_config
+
+    return load_config(None, [f"output={output}", f"input.path={url_list}", *FAST, *overrides])
+
+
+def tapir_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
