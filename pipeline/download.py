@@ -268,12 +268,13 @@ def download(cfg: RunConfig) -> dict:
     column_list, todo = plan(cfg)
     ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
     task = ShardTask(cfg.model_dump(), column_list)
-    failures = []
+    failures, nodes = [], set()
     jobs = [(sid, path, "first") for sid, path, _ in todo]
     rows = {sid: n for sid, _, n in todo}
-    for job, result in ray_backend.run_tasks(task, jobs, desc="download", unit="img",
-                                             weight=lambda j: rows[j[0]],
-                                             max_in_flight=cfg.resources.download_tasks):
+    for job, result, node in ray_backend.run_tasks(task, jobs, desc="download", unit="img",
+                                                   weight=lambda j: rows[j[0]],
+                                                   max_in_flight=cfg.resources.download_tasks):
+        nodes.add(node)
         if isinstance(result, Exception):
             failures.append((job[0], result))
             log.error("shard %s failed: %s (rerun the command to retry it)", job[0], result)
@@ -284,7 +285,7 @@ def download(cfg: RunConfig) -> dict:
             break
         time.sleep(cfg.download.retry_wait * round_no)
         counts = {sid: shards.read_stats(raw, sid)["retryable"] for sid in todo_retry}
-        for job, result in ray_backend.run_tasks(task, [(sid, "", "retry") for sid in todo_retry],
+        for job, result, node in ray_backend.run_tasks(task, [(sid, "", "retry") for sid in todo_retry],
                                                  desc=f"retry pass {round_no}", unit="img",
                                                  weight=lambda j: counts[j[0]],
                                                  max_in_flight=cfg.resources.download_tasks):
@@ -292,6 +293,7 @@ def download(cfg: RunConfig) -> dict:
                 failures.append((job[0], result))
                 log.error("retry of shard %s failed: %s", job[0], result)
     funnel = download_funnel(Path(cfg.output))
+    funnel["ray_nodes_used"] = len(nodes - {None})
     if failures:
         funnel["failed_shards"] = {str(sid): str(err)[:500] for sid, err in failures}
     return funnel

@@ -102,8 +102,10 @@ def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
-def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
-    return fn(item)
+def _apply(fn: Callable[[Any], Any], item: Any) -> tuple[str, Any]:
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), fn(item)
 
 
 def run_tasks(
@@ -115,10 +117,10 @@ def run_tasks(
     max_in_flight: int | None = None,
     weight: Callable[[Any], int] = lambda item: 1,
     unit: str = "shard",
-) -> Iterator[tuple[Any, Any]]:
-    """Run ``fn(item)`` as Ray tasks; yield ``(item, result)`` as they finish.
+) -> Iterator[tuple[Any, Any, str | None]]:
+    """Run ``fn(item)`` as Ray tasks; yield ``(item, result, node_id)`` as they finish.
 
-    A task that raises is yielded as ``(item, exception)``: one bad shard never stops
+    A task that raises is yielded as ``(item, exception, None)``: one bad shard never stops
     the others. The bar advances by ``weight(item)`` (rows, say) per finished task.
     """
     import ray
@@ -142,11 +144,11 @@ def run_tasks(
             for ref in done:
                 item = pending.pop(ref)
                 try:
-                    result = ray.get(ref)
+                    node, result = ray.get(ref)
                 except Exception as err:  # a failed task is data, reported to the caller
-                    result = err
+                    node, result = None, err
                 bar.update(weight(item))
-                yield item, result
+                yield item, result, node
     finally:
         bar.close()
         for ref in pending:

@@ -50,6 +50,8 @@ def format_funnel(f: dict) -> str:
         lines.append(f"    {reason:<22}{n:>8}")
     if not f["lineage_ok"]:
         lines.append(f"  LINEAGE BROKEN: {f['rows_in']} rows in, {f['rows_out']} out, {f['duplicated_keys']} duplicated keys")
+    if f.get("ray_nodes_used"):
+        lines.append(f"  ran on {f['ray_nodes_used']} Ray node(s)")
     for sid, err in f.get("failed_shards", {}).items():
         lines.append(f"  shard {sid} FAILED (rerun to retry): {err.splitlines()[0]}")
     return "\n".join(lines)
