@@ -72,7 +72,7 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from pipeline.demo import demo
 
-    return demo(Path(args.output), rows=args.rows, config=CONFIGS / "demo.yaml", overrides=args.overrides)
+    return demo(Path(args.output), rows=args.rows, config=CONFIGS / "demo.yaml", overrides=_flags_to_overrides(args))
 
 
 def cmd_config(args) -> int:

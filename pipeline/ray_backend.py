@@ -79,14 +79,23 @@ def init(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env=worker_env, log_to_driver=True, logging_level=logging.WARNING)
         return
-    with _env(HOME=str(bootstrap_home())):
-        ray.init(
-            num_cpus=num_cpus,
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            runtime_env=worker_env,
-            logging_level=logging.WARNING,
-        )
+    # Ray maps 127.0.0.1 to the machine's routable address unless cluster mode is off (as it
+    # is on macOS and Windows); an embedded Ray needs no outside address, so it binds loopback.
+    from ray._private import ray_constants
+
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with _env(HOME=str(bootstrap_home()), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"):
+            ray.init(
+                num_cpus=num_cpus,
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                runtime_env=worker_env,
+                logging_level=logging.WARNING,
+            )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
 def shutdown() -> None:

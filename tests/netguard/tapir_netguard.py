@@ -29,7 +29,15 @@ def _log(line: str) -> None:
     path = os.environ.get("TAPIR_NETGUARD_LOG")
     if path:
         with open(path, "a") as f:
-            f.write(f"{time.time():.3f} pid={os.getpid()} {line} argv={' '.join(sys.argv)[:300]}\n")
+            f.write(f"{time.time():.3f} pid={os.getpid()} {line} cmd={_cmdline()[:300]}\n")
+
+
+def _cmdline() -> str:
+    try:
+        with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return " ".join(sys.argv)
 
 
 def _is_loopback(host: str) -> bool:

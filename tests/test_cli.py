@@ -1,0 +1,147 @@
+"""`tapir` as a user runs it: subprocesses, every one under the socket guard (sitecustomize)."""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FAST, tapir_cmd
+
+from pipeline import shards
+
+ENV_TIMEOUT = 240
+
+
+def _run(args, **kw):
+    return subprocess.run(tapir_cmd(*args), capture_output=True, text=True, timeout=ENV_TIMEOUT, **kw)
+
+
+def _sets(*extra):
+    return [x for kv in (*FAST, *extra) for x in ("--set", kv)]
+
+
+def _contents(raw: Path) -> tuple[dict, dict]:
+    images, reasons = {}, {}
+    for sid in sorted(shards.done_shards(raw)):
+        for key, members in shards.read_tar(raw / f"{shards.shard_name(sid)}.tar").items():
+            images[key] = members["jpg"]
+    for row in shards.read_metadata(raw).to_pylist():
+        reasons[row["key"]] = row["error_reason"]
+    return images, reasons
+
+
+@pytest.fixture(scope="module")
+def reference_run(url_list, tmp_path_factory):
+    """An uninterrupted `tapir download` from flags, img2dataset-style, 10-row shards."""
+    out = tmp_path_factory.mktemp("reference")
+    log = Path(os.environ["TAPIR_NETGUARD_LOG"])
+    start = len(log.read_text().splitlines())
+    proc = _run(["download", "--url-list", url_list, "--output", out, "--allow-loopback",
+                 *_sets("download.samples_per_shard=10")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc, log.read_text().splitlines()[start:]
+
+
+def test_download_from_flags(reference_run, world):
+    out, proc, _ = reference_run
+    assert f"{len(world.rows)} rows in -> {len(world.rows)} rows recorded in 6 shards" in proc.stdout
+    assert "http_404" in proc.stdout and "download:" in proc.stderr  # the funnel, and the progress bar
+
+
+def test_whole_download_stays_on_loopback(reference_run):
+    """Driver, Ray's dashboard and every worker ran with the guard; none tried to leave loopback."""
+    _, _, lines = reference_run
+    installed = [l for l in lines if " installed " in l]
+    assert any("pipeline.cli" in l for l in installed), "guard missing in the driver"
+    assert any("default_worker.py" in l for l in installed), "guard missing in Ray workers"
+    assert any("dashboard" in l for l in installed), "guard missing in Ray's dashboard (the metadata probe)"
+    assert not [l for l in lines if "VIOLATION" in l]
+    workers = [l for l in installed if "default_worker.py" in l]
+    assert all("--node-ip-address=127.0.0.1" in l for l in workers), "embedded Ray must bind loopback"
+
+
+def test_kill_9_then_resume_matches_uninterrupted(reference_run, url_list, tmp_path):
+    ref_out, _, _ = reference_run
+    out = tmp_path / "killed"
+    args = ["download", "--url-list", url_list, "--output", out, "--allow-loopback",
+            *_sets("download.samples_per_shard=10", "resources.download_tasks=1")]
+    proc = subprocess.Popen(tapir_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    raw = out / "raw"
+    deadline = time.time() + ENV_TIMEOUT
+    while time.time() < deadline and not (raw.exists() and shards.done_shards(raw)):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-run
+    proc.wait()
+    done_at_kill = shards.done_shards(raw)
+    assert 1 <= len(done_at_kill) < 6, done_at_kill
+    resumed = _run(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert shards.done_shards(raw) == set(range(6))
+    images, reasons = _contents(raw)
+    ref_images, ref_reasons = _contents(ref_out / "raw")
+    assert images.keys() == ref_images.keys()
+    assert images == ref_images  # same keys, same image bytes
+    assert reasons == ref_reasons
+    assert not list((raw / "_staging").glob("*"))
+
+
+def test_two_node_ray_cluster(url_list, tmp_path):
+    """`ray start --head` plus a second `ray start --address` on this machine, used via --ray-address."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ray_bootstrap_config.yaml").write_text("{}\n")  # no cloud-metadata probe
+    port = 20000 + secrets.randbelow(20000)
+    env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
+               RAY_USAGE_STATS_ENABLED="0", RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/")
+    ray = str(Path(sys.executable).parent / "ray")
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    try:
+        subprocess.run([ray, "start", "--head", "--port", str(port), "--include-dashboard", "false", *common],
+                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", *common],
+                       env=env, check=True, capture_output=True, timeout=120)
+        out = tmp_path / "run"
+        proc = _run(["download", "--url-list", url_list, "--output", out, "--allow-loopback",
+                     "--ray-address", f"127.0.0.1:{port}", *_sets("download.samples_per_shard=10",
+                                                                  "resources.download_tasks=2")], env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "ran on 2 Ray node(s)" in proc.stdout, proc.stdout
+        funnel = json.loads(_run(["report", out]).stdout and (out / "report" / "funnel.json").read_text())
+        assert funnel["download"]["lineage_ok"]
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_bad_config_fails_before_work(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"output: {tmp_path / 'run'}\ninput: {{path: x.parquet}}\ndownload: {{treads: 4}}\n")
+    proc = _run(["download", cfg])
+    assert proc.returncode == 2 and "download.treads: unknown key" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_input_column_fails_with_message(url_list, tmp_path):
+    proc = _run(["download", "--url-list", url_list, "--output", tmp_path / "run", "--url-col", "nope"])
+    assert proc.returncode == 2 and "has no column 'nope'" in proc.stderr
+
+
+def test_report_command(reference_run):
+    out, _, _ = reference_run
+    proc = _run(["report", out])
+    assert proc.returncode == 0, proc.stderr
+    funnel = json.loads((out / "report" / "funnel.json").read_text())["download"]
+    assert funnel["lineage_ok"] and f"succeeded  {funnel['succeeded']:>8}" in proc.stdout
+
+
+def test_demo(tmp_path):
+    proc = _run(["demo", "--output", tmp_path / "demo", "--rows", "80"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    funnel = json.loads((tmp_path / "demo" / "report" / "funnel.json").read_text())["download"]
+    assert funnel["rows_in"] == 80 and funnel["lineage_ok"] and funnel["succeeded"] > 40
+    assert "raw shards:" in proc.stdout
