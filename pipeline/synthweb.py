@@ -205,16 +205,19 @@ def _junk_alt(kind: str, rng: random.Random, caption: str, other: str) -> str:
     return caption
 
 
-def build_world(n: int, seed: int = 0, size: tuple[int, int] = (256, 256)) -> World:
-    """A world of n rows; the same n and seed give the same rows and bytes."""
+def build_world(n: int, seed: int = 0, size: tuple[int, int] = (256, 256), noisy: bool = True) -> World:
+    """A world of n rows; the same arguments give the same rows and bytes.
+
+    ``noisy=False`` gives clean rows only (every URL serves its image): for throughput.
+    """
     rng = random.Random(seed)
-    kinds = [k for k, _, w in KINDS for _ in range(w)]
+    kinds = [k for k, _, w in KINDS for _ in range(w)] if noisy else ["clean"]
     fates = {k: f for k, f, _ in KINDS}
     scenes = [random_scene(rng) for _ in range(n)]
     rows, resources, originals = [], {}, []
     for i in range(n):
         # four clean rows first (originals for duplicates), then every kind once, then a weighted mix
-        kind = "clean" if i < 4 else KINDS[i - 4][0] if i - 4 < len(KINDS) else rng.choice(kinds)
+        kind = "clean" if i < 4 or not noisy else KINDS[i - 4][0] if i - 4 < len(KINDS) else rng.choice(kinds)
         if kind in ("exact_dup", "near_dup") and not originals:
             kind = "clean"
         scene, w, h = scenes[i], *size
