@@ -16,6 +16,7 @@ import re
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,8 +266,11 @@ def download(cfg: RunConfig) -> dict:
     raw.mkdir(parents=True, exist_ok=True)
     (raw / "config.json").write_text(cfg.model_dump_json(indent=2))
     shards.clear_staging(raw)
-    column_list, todo = plan(cfg)
-    ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
+    with ThreadPoolExecutor(1) as pool:  # plan while Ray starts and its workers import
+        planned = pool.submit(plan, cfg)
+        ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
+        ray_backend.warm_up(["pipeline.download", "img2dataset.downloader", "img2dataset.writer"])
+        column_list, todo = planned.result()
     task = ShardTask(cfg.model_dump(), column_list)
     failures, nodes = [], set()
     jobs = [(sid, path, "first") for sid, path, _ in todo]

@@ -111,6 +111,24 @@ def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
+def _import(modules: list[str]) -> None:
+    import importlib
+
+    quiet_env()
+    for name in modules:
+        importlib.import_module(name)
+
+
+def warm_up(modules: list[str], num_cpus: float = 1) -> None:
+    """Import ``modules`` in as many workers as there are CPUs, without waiting: the
+    imports (seconds for img2dataset or torch) then overlap with the driver's planning."""
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus)(_import)
+    for _ in range(max(1, int(cluster_cpus() / max(num_cpus, 1e-3)))):
+        remote.remote(modules)
+
+
 def _apply(fn: Callable[[Any], Any], item: Any) -> tuple[str, Any]:
     import ray
 
