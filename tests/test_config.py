@@ -66,3 +66,9 @@ def test_reference_documents_every_field():
     keys = {k for k, _, _ in rows}
     assert {"download.fetch.allow_loopback", "input.preset", "resources.ray_address"} <= keys
     assert all(desc for _, _, desc in rows), "every config field needs a description"
+
+
+def test_readme_documents_every_config_key():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [k for k, _, _ in reference() if f"`{k}`" not in readme]
+    assert not missing, f"README config reference is missing {missing}; regenerate with `tapir config --reference`"

@@ -16,8 +16,17 @@ from pipeline.report import report
 
 
 @pytest.fixture(scope="module")
-def run(local_ray, url_list, tmp_path_factory):
-    cfg = make_config(tmp_path_factory.mktemp("run"), url_list)
+def own_web(world, tmp_path_factory):
+    """A server of its own: flaky URLs must not have been fetched by other tests."""
+    from pipeline.synthweb import WebServer
+
+    with WebServer(world) as server:
+        yield world.write_url_list(str(tmp_path_factory.mktemp("own") / "urls.parquet"), server.base_url)
+
+
+@pytest.fixture(scope="module")
+def run(local_ray, own_web, tmp_path_factory):
+    cfg = make_config(tmp_path_factory.mktemp("run"), own_web)
     return cfg, download(cfg)
 
 
