@@ -1,0 +1,1 @@
+"""Scorers (CLIP, basic, dedup, safety) and selection rules: the score and select stages."""

@@ -1,0 +1,1 @@
+"""Tapir's pipeline: configs, stages, shard I/O, Ray wiring, CLI."""

@@ -1,0 +1,1 @@
+"""Captioner backends, prompt templates and caption cleaning: the recaption stage."""

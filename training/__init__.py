@@ -1,0 +1,1 @@
+"""Models, objectives, data loading, trainers, sampling and evaluation."""
