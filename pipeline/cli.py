@@ -50,22 +50,50 @@ def cmd_download(args) -> int:
     return 1 if funnel.get("failed_shards") else 0
 
 
+def cmd_score(args) -> int:
+    from pipeline.report import format_stage
+    from pipeline.score import score
+
+    cfg = _load(args)
+    funnel = score(cfg)
+    print(format_stage(funnel))
+    print(f"scores: {cfg.scores_dir}")
+    return 1 if funnel.get("failed_shards") else 0
+
+
+def cmd_select(args) -> int:
+    from pipeline.report import format_stage, select_funnel
+    from pipeline.select import select
+
+    cfg = _load(args)
+    select(cfg)
+    print(format_stage(select_funnel(Path(cfg.output))))
+    print(f"selection: {cfg.selection_dir}")
+    return 0
+
+
 def cmd_run(args) -> int:
     from pipeline.report import report
+    from pipeline.select import check_rules
 
+    check_rules(_load(args))  # a bad rule fails before any download
     code = cmd_download(args)
-    cfg = _load(args)
-    _, path = report(Path(cfg.output))
-    print(f"report: {path}")
+    code |= cmd_score(args)
+    code |= cmd_select(args)
+    _, path = report(Path(_load(args).output))
+    print(f"report: {path.parent / 'index.html'}")
     return code
 
 
 def cmd_report(args) -> int:
     from pipeline.report import format_funnel, report
 
+    from pipeline.report import format_stage
+
     funnel, path = report(Path(args.run_dir))
-    print(format_funnel(funnel["download"]))
-    print(f"written: {path}")
+    for stage in funnel.values():
+        print(format_stage(stage))
+    print(f"written: {path}" + (f" and {path.parent / 'index.html'}" if "score" in funnel else ""))
     return 0 if funnel["download"]["lineage_ok"] else 1
 
 
@@ -106,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_download)
 
+    p = sub.add_parser("score", help="score RUN/raw/ (or score.input) into RUN/scores/, then dedup")
+    p.add_argument("config")
+    _common(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("select", help="apply select.rules to RUN/scores/ into RUN/selection/ (no model)")
+    p.add_argument("config")
+    _common(p)
+    p.set_defaults(func=cmd_select)
+
     p = sub.add_parser("run", help="run every stage of a config, then the report")
     p.add_argument("config")
     _common(p)
@@ -139,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tapir: {e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:
+        from filters.rules import RuleError
         from pipeline.inputs import InputError
 
-        if isinstance(e, (InputError, FileNotFoundError)):
+        if isinstance(e, (InputError, RuleError, FileNotFoundError)):
             print(f"tapir: {e}", file=sys.stderr)
             return 2
         raise

@@ -84,17 +84,70 @@ class DownloadConfig(_Strict):
     fetch: FetchConfig = Field(default_factory=FetchConfig, description="Hardened fetch settings.")
 
 
+class ClipConfig(_Strict):
+    model: str = Field("ViT-B-32", description="open_clip model name, or 'local-dir:/path' / 'hf-hub:org/repo'.")
+    pretrained: Optional[str] = Field(
+        "laion2b_s34b_b79k", description="open_clip pretrained tag or a local checkpoint path; "
+        "null for none (random weights, or the weights of a local-dir:/hf-hub: model).")
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1'...")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="'auto': bf16 on GPU, fp32 on CPU.")
+
+
+class DedupConfig(_Strict):
+    exact: bool = Field(True, description="Group identical downloads (same sha256).")
+    near: bool = Field(True, description="Group near-duplicates by perceptual hash (needs the phash scorer).")
+    near_max_distance: int = Field(4, ge=0, le=16, description="Largest phash Hamming distance, bits.")
+    semantic: bool = Field(True, description="SemDeDup on CLIP image embeddings (needs the clip scorer).")
+    semantic_threshold: float = Field(0.95, gt=0, le=1, description="Cosine above which two images are duplicates.")
+    cluster_size: int = Field(2000, gt=1, description="Average k-means cluster size for semantic dedup.")
+
+
+SCORERS = ("basic", "language", "phash", "clip", "nsfw", "ocr")
+
+
+class ScoreConfig(_Strict):
+    input: Optional[str] = Field(None, description="Folder of img2dataset webdataset shards; null: RUN/raw.")
+    scorers: list[Literal["basic", "language", "phash", "clip", "nsfw", "ocr"]] = Field(
+        list(SCORERS), description="Scorers to run: basic, language, phash, clip, nsfw, ocr.")
+    batch_size: int = Field(64, gt=0, description="Images per scorer batch.")
+    actors: Optional[int] = Field(None, gt=0, description="Scoring actors (null: one per GPU, else one per CPU).")
+    clip: ClipConfig = Field(default_factory=ClipConfig, description="The CLIP model.")
+    ocr_max_side: int = Field(512, gt=0, description="Images are shrunk to this longer side before OCR.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Duplicate groups over the whole dataset.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(set(self.scorers)) != len(self.scorers):
+            raise ValueError("score.scorers lists a scorer twice")
+        if self.dedup.near and "phash" not in self.scorers:
+            raise ValueError("score.dedup.near needs the phash scorer in score.scorers")
+        if self.dedup.semantic and "clip" not in self.scorers:
+            raise ValueError("score.dedup.semantic needs the clip scorer in score.scorers")
+        return self
+
+
+class SelectConfig(_Strict):
+    rules: list[str] = Field(
+        ["not duplicate"], description="Rules applied in order, e.g. 'clip_score >= 0.28', "
+        "'top 30% by clip_score', 'language in [en]', 'not duplicate'.")
+
+
 class ResourcesConfig(_Strict):
     ray_address: Optional[str] = Field(None, description="Existing Ray cluster ('auto', 'HOST:PORT'); "
                                        "null starts Ray in-process on this machine.")
     num_cpus: Optional[int] = Field(None, gt=0, description="CPUs for the embedded local Ray (null: all).")
     download_tasks: Optional[int] = Field(None, gt=0, description="Shard tasks in flight (null: one per CPU).")
+    gpus_per_actor: Optional[float] = Field(None, ge=0, description="GPUs per model actor (null: 1 when "
+                                            "the cluster has GPUs, else 0).")
+    cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per model actor.")
 
 
 class RunConfig(_Strict):
     output: str = Field(description="Run folder; each stage writes a subfolder (raw/, ...).")
     input: InputConfig = Field(description="The URL list and its columns.")
     download: DownloadConfig = Field(default_factory=DownloadConfig, description="The download stage.")
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="The score stage.")
+    select: SelectConfig = Field(default_factory=SelectConfig, description="The select stage.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray and concurrency.")
 
     @model_validator(mode="after")
@@ -106,6 +159,18 @@ class RunConfig(_Strict):
     @property
     def raw_dir(self) -> Path:
         return Path(self.output) / "raw"
+
+    @property
+    def score_input(self) -> Path:
+        return Path(self.score.input) if self.score.input else self.raw_dir
+
+    @property
+    def scores_dir(self) -> Path:
+        return Path(self.output) / "scores"
+
+    @property
+    def selection_dir(self) -> Path:
+        return Path(self.output) / "selection"
 
 
 def _format_error(err: ValidationError, source: str) -> str:

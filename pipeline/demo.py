@@ -12,9 +12,12 @@ log = logging.getLogger(__name__)
 
 
 def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: list[str] = ()) -> int:
+    from filters.clip import save_local_clip
     from pipeline import ray_backend
     from pipeline.download import download
-    from pipeline.report import format_funnel, report
+    from pipeline.report import format_stage, report
+    from pipeline.score import score
+    from pipeline.select import check_rules, select
     from pipeline.synthweb import WebServer, build_world
 
     output = Path(output).resolve()
@@ -27,17 +30,28 @@ def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: l
     with WebServer(world) as server:
         urls = world.write_url_list(str(web / "urls.parquet"), server.base_url)
         log.info("serving it on %s", server.base_url)
-        cfg = load_config(config, [f"output={output}", f"input.path={urls}", *overrides])
+        # no CLIP trained for the synthetic world yet: a tiny one built from a config, saved
+        # locally and loaded through the same loader as a pretrained model
+        clip = save_local_clip(output / "models" / "tiny-clip")
+        cfg = load_config(config, [f"output={output}", f"input.path={urls}", f"score.clip.model={clip}",
+                                   "score.clip.pretrained=null", *overrides])
+        check_rules(cfg)
         try:
             download(cfg)
+            score(cfg)
+            select(cfg)
         finally:
             ray_backend.shutdown()
     funnel, path = report(output)
     print()
-    print(format_funnel(funnel["download"]))
+    for stage in funnel.values():
+        print(format_stage(stage))
     print()
     print(f"run folder:   {output}")
     print(f"  URL list:   {urls}  (with each row's intended fate in column 'fate')")
     print(f"  raw shards: {cfg.raw_dir}  (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json)")
+    print(f"  scores:     {cfg.scores_dir}  (NNNNN.parquet, _dedup.parquet)")
+    print(f"  selection:  {cfg.selection_dir}  (key, keep, reason)")
     print(f"  funnel:     {path}")
+    print(f"  report:     {path.parent / 'index.html'}  (histograms, kept/dropped grid)")
     return 0 if funnel["download"]["lineage_ok"] else 1

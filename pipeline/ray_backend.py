@@ -180,3 +180,72 @@ def run_tasks(
         bar.close()
         for ref in pending:
             ray.cancel(ref, force=True)
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+class _StageActor:
+    """Holds one stage object: ``setup()`` once when the actor starts, then calls."""
+
+    def __init__(self, stage: Any):
+        quiet_env()
+        self.stage = stage
+        self.stage.setup()
+
+    def run(self, item: Any) -> tuple[str, Any]:
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), self.stage(item)
+
+
+def run_actor_pool(
+    stage: Any,
+    items: Iterable[Any],
+    *,
+    desc: str,
+    actors: int,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    weight: Callable[[Any], int] = lambda item: 1,
+    unit: str = "shard",
+) -> Iterator[tuple[Any, Any, str | None]]:
+    """Run ``stage(item)`` on a pool of actors that each ran ``stage.setup()`` once (a model
+    loaded per actor, on a GPU when ``num_gpus``); yield ``(item, result, node_id)`` as they
+    finish, an exception in place of the result for an item that failed."""
+    import ray
+
+    items = list(items)
+    if not items:
+        return
+    cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1)(_StageActor)
+    pool = [cls.remote(stage) for _ in range(max(1, min(actors, len(items))))]
+    idle, pending, queue = list(pool), {}, iter(items)
+    bar = tqdm(total=sum(weight(i) for i in items), desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1)
+    try:
+        while True:
+            while idle:
+                item = next(queue, None)
+                if item is None:
+                    break
+                actor = idle.pop()
+                pending[actor.run.remote(item)] = (item, actor)
+            if not pending:
+                return
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                item, actor = pending.pop(ref)
+                idle.append(actor)
+                try:
+                    node, result = ray.get(ref)
+                except Exception as err:  # a failed item is data, reported to the caller
+                    node, result = None, err
+                bar.update(weight(item))
+                yield item, result, node
+    finally:
+        bar.close()
+        for actor in pool:
+            ray.kill(actor)

@@ -57,11 +57,63 @@ def format_funnel(f: dict) -> str:
     return "\n".join(lines)
 
 
-def report(run_dir: Path) -> tuple[dict, Path]:
-    """Compute the funnel of ``run_dir``, write report/funnel.json, return both."""
+def score_funnel(run_dir: Path, scores: Path | None = None) -> dict:
+    scores = Path(scores or Path(run_dir) / "scores")
+    ids = shards.done_shards(scores)
+    stats = [shards.read_stats(scores, i) for i in ids]
+    reasons = Counter()
+    for s in stats:
+        reasons.update(s.get("error_reasons", {}))
+    dedup = {}
+    if (scores / "_dedup.parquet").exists():
+        import pyarrow.parquet as pq
+
+        kinds = pq.read_table(scores / "_dedup.parquet", columns=["duplicate_kind"])["duplicate_kind"]
+        dedup = {k: v for k, v in Counter(kinds.drop_null().to_pylist()).most_common()}
+    return {"stage": "score", "rows_in": sum(s["count"] for s in stats), "scored": sum(s["scored"] for s in stats),
+            "failed": sum(s["errors"] for s in stats), "failed_by_reason": dict(reasons.most_common()),
+            "duplicates_by_kind": dedup, "shards": len(ids)}
+
+
+def select_funnel(run_dir: Path) -> dict:
+    path = Path(run_dir) / "selection" / "_summary.json"
+    summary = json.loads(path.read_text())
+    return {"stage": "select", "rows_in": summary["rows"], "kept": summary["kept"],
+            "dropped": summary["rows"] - summary["kept"], "dropped_by_rule": summary["dropped_by"],
+            "rules": summary["rules"]}
+
+
+def format_stage(f: dict) -> str:
+    if f["stage"] == "download":
+        return format_funnel(f)
+    if f["stage"] == "score":
+        lines = [f"score: {f['rows_in']} images in -> {f['scored']} scored, {f['failed']} failed"]
+        lines += [f"    {r:<22}{n:>8}" for r, n in f["failed_by_reason"].items()]
+        lines += [f"  duplicates ({kind})".ljust(24) + f"{n:>8}" for kind, n in f["duplicates_by_kind"].items()]
+        return "\n".join(lines)
+    lines = [f"select: {f['rows_in']} rows in -> {f['kept']} kept, {f['dropped']} dropped"]
+    thresholds = {r["rule"]: r["threshold"] for r in f["rules"] if "threshold" in r}
+    for rule, n in f["dropped_by_rule"].items():
+        note = f"  (threshold {thresholds[rule]:.4g})" if rule in thresholds else ""
+        lines.append(f"    {rule:<30}{n:>8}{note}")
+    return "\n".join(lines)
+
+
+def report(run_dir: Path, visuals: bool = True) -> tuple[dict, Path]:
+    """Compute the funnel of every stage ``run_dir`` holds, write report/funnel.json (and,
+    once scores exist, plots, a sample grid and report/index.html); return funnel and path."""
+    run_dir = Path(run_dir)
     funnel = {"download": download_funnel(run_dir)}
-    out = Path(run_dir) / "report"
+    if shards.done_shards(run_dir / "scores"):
+        funnel["score"] = score_funnel(run_dir)
+    if (run_dir / "selection" / "_summary.json").exists():
+        funnel["select"] = select_funnel(run_dir)
+    out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "funnel.json"
     path.write_text(json.dumps(funnel, indent=2))
+    if visuals and "score" in funnel:
+        from pipeline.visual import write_visuals
+
+        write_visuals(run_dir, funnel, out)
     return funnel, path

@@ -1,0 +1,132 @@
+"""Selection rules over stored scores (DataComp-style "score, then select").
+
+Rules are strings, applied in order; a dropped row records the first rule it failed.
+
+    clip_score >= 0.28            comparison with a number (>=, >, <=, <, ==, !=)
+    language in [en, de]          membership (also: not in [...]); strings unquoted or quoted
+    top 30% by clip_score         the top fraction over the WHOLE dataset (all shards), turned
+    bottom 10% by nsfw_score      into a threshold first, as DataComp does
+    not duplicate                 drop rows that duplicate a kept row (any kind)
+    not duplicate(exact)          ... of one kind: exact, near or semantic
+
+A row whose value is missing (null) fails a comparison, a membership test and a
+top/bottom rule. ``parse`` checks every rule and column before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+class RuleError(ValueError):
+    """A rule cannot be parsed or names a score that does not exist."""
+
+
+_CMP = re.compile(r"^\s*(\w+)\s*(>=|<=|==|!=|>|<)\s*(-?[\d.]+(?:e-?\d+)?)\s*$")
+_IN = re.compile(r"^\s*(\w+)\s+(not\s+in|in)\s*\[(.*)\]\s*$")
+_TOP = re.compile(r"^\s*(top|bottom)\s+([\d.]+)\s*%\s+by\s+(\w+)\s*$")
+_DUP = re.compile(r"^\s*not\s+duplicate(?:\((exact|near|semantic)\))?\s*$")
+_OPS = {">=": pc.greater_equal, "<=": pc.less_equal, "==": pc.equal, "!=": pc.not_equal,
+        ">": pc.greater, "<": pc.less}
+
+
+@dataclass(frozen=True)
+class Rule:
+    text: str
+    kind: str  # cmp, in, top, dup
+    column: str
+    op: str = ""
+    value: object = None
+
+    def columns(self) -> list[str]:
+        return ["duplicate_of", "duplicate_kind"] if self.kind == "dup" else [self.column]
+
+    def mask(self, table: pa.Table) -> np.ndarray:
+        """True where the row passes."""
+        if self.kind == "dup":
+            dup = pc.is_valid(table["duplicate_of"])
+            if self.value:
+                dup = pc.and_(dup, pc.equal(table["duplicate_kind"], self.value))
+            return ~np.asarray(dup.to_numpy(zero_copy_only=False), dtype=bool)
+        col = table[self.column]
+        if self.kind == "cmp":
+            result = _OPS[self.op](col, self.value)
+        elif self.kind == "in":
+            result = pc.is_in(col, pa.array(self.value, type=col.type))
+            if self.op == "not in":
+                result = pc.invert(result)
+            result = pc.and_(result, pc.is_valid(col))
+        else:  # top/bottom: a threshold computed by the caller over the whole dataset
+            result = (pc.greater_equal if self.op == "top" else pc.less_equal)(col, self.value)
+        return np.asarray(pc.fill_null(result, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _values(raw: str) -> list:
+    out = []
+    for item in (x.strip() for x in raw.split(",")):
+        if not item:
+            continue
+        item = item.strip("'\"")
+        try:
+            out.append(float(item) if "." in item else int(item))
+        except ValueError:
+            out.append(item)
+    return out
+
+
+def parse(texts: list[str], schema: pa.Schema) -> list[Rule]:
+    """Parse rules and check their columns against the available scores."""
+    rules = []
+    for text in texts:
+        if m := _CMP.match(text):
+            rule = Rule(text, "cmp", m[1], m[2], float(m[3]))
+        elif m := _IN.match(text):
+            rule = Rule(text, "in", m[1], " ".join(m[2].split()), _values(m[3]))
+        elif m := _TOP.match(text):
+            frac = float(m[2])
+            if not 0 < frac <= 100:
+                raise RuleError(f"rule {text!r}: the percentage must be in (0, 100]")
+            rule = Rule(text, "top", m[3], m[1], frac / 100)
+        elif m := _DUP.match(text):
+            rule = Rule(text, "dup", "duplicate_of", value=m[1])
+        else:
+            raise RuleError(f"rule {text!r} is not understood; see `filters/rules.py` for the forms")
+        for col in rule.columns():
+            if col not in schema.names:
+                available = ", ".join(n for n in schema.names if n not in ("key", "clip_embedding"))
+                raise RuleError(f"rule {text!r} names unknown score {col!r}; available: {available}")
+        rules.append(rule)
+    return rules
+
+
+def resolve_fractions(rules: list[Rule], table: pa.Table) -> list[Rule]:
+    """Turn top/bottom fractions into thresholds over the whole table."""
+    out = []
+    for rule in rules:
+        if rule.kind == "top":
+            values = table[rule.column].drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
+            if len(values) == 0:
+                threshold = np.inf
+            else:
+                q = 1 - rule.value if rule.op == "top" else rule.value
+                threshold = float(np.quantile(values, q, method="lower" if rule.op == "top" else "higher"))
+            rule = Rule(rule.text, "top", rule.column, rule.op, threshold)
+        out.append(rule)
+    return out
+
+
+def apply(rules: list[Rule], table: pa.Table, base_reason: list | None = None) -> tuple[np.ndarray, list]:
+    """(keep mask, reason per row): the first failed rule's text, or None when kept."""
+    reason = list(base_reason) if base_reason is not None else [None] * table.num_rows
+    for rule in rules:
+        passed = rule.mask(table)
+        for i in np.nonzero(~passed)[0]:
+            if reason[i] is None:
+                reason[i] = rule.text
+    keep = np.array([r is None for r in reason], dtype=bool)
+    return keep, reason

@@ -1,0 +1,143 @@
+"""Report visuals: score histograms, a grid of kept and dropped examples, one HTML page."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import shards
+
+HISTOGRAMS = [("clip_score", "CLIP score"), ("min_side", "shorter side (px)"),
+              ("caption_chars", "caption length (chars)"), ("nsfw_score", "NSFW score"),
+              ("text_area", "text area fraction"), ("junk_alt", "junk alt-text score")]
+
+
+def _joined(run_dir: Path) -> pa.Table:
+    from pipeline.score import read_scores
+
+    scores = read_scores(run_dir / "scores")
+    scores = scores.drop_columns([c for c in ("clip_embedding",) if c in scores.column_names])
+    sel_dir = run_dir / "selection"
+    if shards.done_shards(sel_dir):
+        sel = pa.concat_tables([pq.read_table(sel_dir / f"{shards.shard_name(i)}.parquet")
+                                for i in sorted(shards.done_shards(sel_dir))])
+        order = {k: i for i, k in enumerate(sel["key"].to_pylist())}
+        take = pa.array([order.get(k) for k in scores["key"].to_pylist()], pa.int64())
+        scores = scores.append_column("keep", sel["keep"].take(take)).append_column("reason", sel["reason"].take(take))
+    return scores
+
+
+def histograms(table: pa.Table, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    keep = np.asarray(table["keep"].fill_null(False).to_numpy(zero_copy_only=False), bool) \
+        if "keep" in table.column_names else None
+    for col, label in HISTOGRAMS:
+        if col not in table.column_names:
+            continue
+        values = np.asarray(table[col].to_numpy(zero_copy_only=False), dtype=float)
+        ok = ~np.isnan(values)
+        if not ok.any():
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        bins = np.histogram_bin_edges(values[ok], bins=30)
+        if keep is not None:
+            ax.hist(values[ok & keep], bins=bins, alpha=0.75, label="kept", color="#2a9d8f")
+            ax.hist(values[ok & ~keep], bins=bins, alpha=0.6, label="dropped", color="#e76f51")
+            ax.legend()
+        else:
+            ax.hist(values[ok], bins=bins, color="#264653")
+        ax.set_xlabel(label)
+        ax.set_ylabel("images")
+        fig.tight_layout()
+        path = out / f"hist_{col}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _image(raw: Path, key: str, cache: dict):
+    """The stored image of ``key`` (img2dataset keys start with the shard number)."""
+    from PIL import Image
+
+    sid = int(key[: shards.SHARD_DIGITS])
+    if sid not in cache:
+        tar = raw / f"{shards.shard_name(sid)}.tar"
+        cache[sid] = shards.read_tar(tar) if tar.exists() else {}
+    member = cache[sid].get(key, {})
+    data = next((member[e] for e in ("jpg", "jpeg", "png", "webp") if e in member), None)
+    if data is None:
+        return None
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except Exception:  # a corrupt image has its reason in the table; the grid shows a blank
+        return None
+
+
+def sample_grid(table: pa.Table, raw: Path, out: Path, per_side: int = 12, thumb: int = 128) -> Path:
+    """Kept examples (top) and dropped examples (bottom) with key, CLIP score and reason."""
+    from PIL import Image, ImageDraw
+
+    rows = table.to_pylist()
+    kept = [r for r in rows if r.get("keep")][:per_side]
+    dropped = [r for r in rows if r.get("keep") is False][:per_side]
+    cols, label_h = 6, 46
+    cell_w, cell_h = thumb + 8, thumb + label_h
+    n_rows = -(-len(kept) // cols) + -(-len(dropped) // cols)
+    grid = Image.new("RGB", (cols * cell_w, max(1, n_rows) * cell_h + 40), "white")
+    draw = ImageDraw.Draw(grid)
+    cache: dict = {}
+    y = 0
+    for title, group, colour in (("kept", kept, (42, 157, 143)), ("dropped", dropped, (231, 111, 81))):
+        draw.text((4, y + 2), title.upper(), fill=colour)
+        y += 18
+        for i, r in enumerate(group):
+            x, yy = (i % cols) * cell_w, y + (i // cols) * cell_h
+            im = _image(raw, r["key"], cache)
+            if im is not None:
+                im.thumbnail((thumb, thumb))
+                grid.paste(im, (x + 4, yy))
+            clip = r.get("clip_score")
+            draw.text((x + 4, yy + thumb + 2), f"{r['key']}" + (f" clip {clip:.3f}" if clip is not None else ""),
+                      fill="black")
+            reason = r.get("reason") or "kept"
+            draw.text((x + 4, yy + thumb + 16), reason[:22], fill=colour)
+            draw.text((x + 4, yy + thumb + 30), (r.get("caption_chars") and f"{r['caption_chars']} chars") or "",
+                      fill="gray")
+        y += -(-len(group) // cols) * cell_h + 4
+    path = out / "samples.png"
+    grid.save(path)
+    return path
+
+
+def write_visuals(run_dir: Path, funnel: dict, out: Path) -> Path:
+    from pipeline.report import format_stage
+
+    table = _joined(run_dir)
+    plots = histograms(table, out)
+    grid = sample_grid(table, run_dir / "raw", out) if "keep" in table.column_names else None
+    parts = ["<!doctype html><meta charset=utf-8><title>Tapir report</title>",
+             "<style>body{font-family:sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em}"
+             "img{margin:4px;border:1px solid #ddd}</style>",
+             f"<h1>Tapir report: {html.escape(str(run_dir))}</h1><h2>Funnel</h2>"]
+    for stage in funnel.values():
+        parts.append(f"<pre>{html.escape(format_stage(stage))}</pre>")
+    parts.append("<h2>Score distributions</h2>")
+    parts += [f'<img src="{p.name}" alt="{p.stem}">' for p in plots]
+    if grid:
+        parts.append(f'<h2>Kept and dropped examples</h2><img src="{grid.name}" alt="samples">')
+    parts.append(f"<h2>funnel.json</h2><pre>{html.escape(json.dumps(funnel, indent=2))}</pre>")
+    page = out / "index.html"
+    page.write_text("\n".join(parts))
+    return page
