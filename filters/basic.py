@@ -29,6 +29,7 @@ def junk_alt_score(caption: str | None) -> float:
     if not words:
         return 1.0
     repeated = 1 - len(set(words)) / len(words) if len(words) >= 4 else 0.0
+    repeated = repeated if repeated >= 0.4 else 0.0  # ordinary prose repeats a few words
     spam = sum(w in SPAM_WORDS for w in words) / len(words)
     return round(min(1.0, max(repeated, 2.5 * spam)), 4)
 

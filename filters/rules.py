@@ -111,10 +111,11 @@ def resolve_fractions(rules: list[Rule], table: pa.Table) -> list[Rule]:
         if rule.kind == "top":
             values = table[rule.column].drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
             if len(values) == 0:
-                threshold = np.inf
-            else:
-                q = 1 - rule.value if rule.op == "top" else rule.value
-                threshold = float(np.quantile(values, q, method="lower" if rule.op == "top" else "higher"))
+                threshold = np.inf if rule.op == "top" else -np.inf
+            else:  # the k-th best value, k = ceil(fraction * n): ties at the threshold are kept
+                k = max(1, int(np.ceil(rule.value * len(values) - 1e-9)))
+                ordered = np.sort(values)
+                threshold = float(ordered[-k] if rule.op == "top" else ordered[k - 1])
             rule = Rule(rule.text, "top", rule.column, rule.op, threshold)
         out.append(rule)
     return out

@@ -1,0 +1,242 @@
+"""The score and select stages on downloaded shards: real photos, planted duplicates, a
+corrupt image, a tiny open_clip model saved locally and loaded like a pretrained one."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_config, tapir_cmd
+from PIL import Image, ImageOps
+from skimage import data
+from test_filters import _jpeg, text_image
+
+from pipeline import shards
+from pipeline.synthweb import Resource, WebServer, World, build_world
+
+RULES = ["not duplicate", "junk_alt < 0.8", "top 50% by clip_score"]
+
+
+def _world() -> World:
+    """Real photos (one flipped and recompressed, one copied exactly), a text image, a caption
+    per language and synthetic scenes, 8 rows per shard."""
+    astronaut = Image.fromarray(data.astronaut())
+    photos = {
+        "astronaut": (_jpeg(astronaut), "An astronaut in a white suit holding a helmet, flags behind."),
+        "astronaut_flip": (_jpeg(ImageOps.mirror(astronaut), 60), "Astronaut portrait."),
+        "chelsea": (_jpeg(Image.fromarray(data.chelsea())), "Eine getigerte Katze schaut nach oben."),
+        "chelsea_copy": (_jpeg(Image.fromarray(data.chelsea())), "Un chat tigré regarde vers le haut."),
+        "coffee": (_jpeg(Image.fromarray(data.coffee())), "IMG_2041.jpg"),
+        "sign": (_jpeg(text_image()), "A shop sign announcing a big sale."),
+        "rocket": (_jpeg(Image.fromarray(data.rocket())), "A rocket on the launch pad under a blue sky."),
+    }
+    rows, resources = [], {}
+    for i, (name, (body, alt)) in enumerate(photos.items()):
+        path = f"/photo/{name}.jpg"
+        resources[path] = Resource(body=body)
+        rows.append({"path": path, "alt": alt, "true_caption": alt, "kind": name, "fate": "success",
+                     "duplicate_of": "", "row_id": i})
+    synthetic = build_world(17, seed=11, noisy=False)
+    for j, r in enumerate(synthetic.rows):
+        resources[r["path"]] = synthetic.resources[r["path"]]
+        rows.append(r | {"row_id": 100 + j})
+    return World(rows, resources)
+
+
+@pytest.fixture(scope="module")
+def scored(local_ray, tmp_path_factory):
+    from filters.clip import save_local_clip
+    from pipeline.download import download
+    from pipeline.score import score
+    from pipeline.select import select
+
+    tmp = tmp_path_factory.mktemp("scored")
+    clip = save_local_clip(tmp / "tiny-clip")
+    world = _world()
+    with WebServer(world) as server:
+        urls = world.write_url_list(str(tmp / "urls.parquet"), server.base_url)
+        cfg = make_config(tmp / "run", urls, "download.samples_per_shard=8", "download.image_size=128",
+                          f"score.clip.model={clip}", "score.clip.pretrained=null", "score.batch_size=5",
+                          f"select.rules={json.dumps(RULES)}", "score.dedup.semantic_threshold=0.9999")
+        download(cfg)
+    # corrupt one downloaded image inside its committed tar, as a broken disk or copy would
+    meta = shards.read_metadata(cfg.raw_dir).to_pylist()
+    victim = next(r for r in meta if r["kind"] == "rocket")
+    name = victim["key"][:5]
+    samples = shards.read_tar(cfg.raw_dir / f"{name}.tar")
+    samples[victim["key"]]["jpg"] = b"\xff\xd8\xff\xe0 this is not a jpeg any more"
+    shards.write_tar(cfg.raw_dir / f"{name}.tar", sorted(samples.items()))
+    funnel = score(cfg)
+    summary = select(cfg)
+    keys = {r["kind"]: r["key"] for r in meta if r["kind"] != "clean"}
+    keys |= {f"scene{r['row_id']}": r["key"] for r in meta if r["kind"] == "clean"}
+    return cfg, clip, funnel, summary, keys
+
+
+def _scores(cfg):
+    from pipeline.score import read_scores
+
+    return {r["key"]: r for r in read_scores(cfg.scores_dir).to_pylist()}
+
+
+def test_scores_cover_every_downloaded_image(scored):
+    cfg, _, funnel, _, keys = scored
+    rows = _scores(cfg)
+    assert set(rows) == set(keys.values())
+    assert funnel["rows_in"] == len(keys) and funnel["scored"] == len(keys) - 1
+    assert len(shards.done_shards(cfg.scores_dir)) == 3
+
+
+def test_corrupt_image_gets_a_reason_not_a_crash(scored):
+    cfg, _, funnel, summary, keys = scored
+    row = _scores(cfg)[keys["rocket"]]
+    assert row["score_error"].startswith("decode error") and row["clip_score"] is None
+    assert funnel["failed_by_reason"] == {"decode error": 1}
+    sel = {r["key"]: r for r in pq.read_table(cfg.selection_dir / f"{keys['rocket'][:5]}.parquet").to_pylist()}
+    assert sel[keys["rocket"]]["keep"] is False and sel[keys["rocket"]]["reason"].startswith("score_error")
+
+
+def test_basic_language_and_ocr_scores(scored):
+    cfg, _, _, _, keys = scored
+    rows = _scores(cfg)
+    astro, cat = rows[keys["astronaut"]], rows[keys["chelsea"]]
+    assert (astro["width"], astro["height"], astro["min_side"]) == (128, 128, 128)  # keep_ratio to 128
+    assert (cat["width"], cat["height"], cat["aspect_ratio"]) == (192, 128, pytest.approx(1.5))
+    raw = shards.read_tar(cfg.raw_dir / f"{keys['astronaut'][:5]}.tar")
+    assert astro["file_size"] == len(raw[keys["astronaut"]]["jpg"])
+    assert rows[keys["coffee"]]["junk_alt"] == 1.0 and astro["junk_alt"] == 0.0
+    assert (astro["language"], cat["language"], rows[keys["chelsea_copy"]]["language"]) == ("en", "de", "fr")
+    assert rows[keys["sign"]]["text_boxes"] >= 1 and astro["text_boxes"] == 0
+    assert all(0 <= r["nsfw_score"] < 0.5 for r in rows.values() if r["score_error"] is None)
+
+
+def test_planted_duplicates_are_found(scored):
+    cfg, _, _, _, keys = scored
+    dedup = {r["key"]: r for r in pq.read_table(cfg.scores_dir / "_dedup.parquet").to_pylist()}
+    pair = sorted([keys["chelsea"], keys["chelsea_copy"]])
+    kinds = {dedup[k]["duplicate_kind"] for k in pair}
+    assert kinds == {None, "exact"} and {dedup[k]["duplicate_of"] for k in pair} - {None} <= set(pair)
+    flip = [keys["astronaut"], keys["astronaut_flip"]]
+    assert {dedup[k]["duplicate_kind"] for k in flip} == {None, "near"}
+    unique = [k for kind, k in keys.items() if kind in ("sign", "coffee")]
+    assert all(dedup[k]["duplicate_of"] is None for k in unique)
+
+
+def test_clip_score_is_the_open_clip_cosine(scored):
+    import torch
+
+    from filters.clip import load_clip
+
+    cfg, clip, _, _, keys = scored
+    row = _scores(cfg)[keys["astronaut"]]
+    model, preprocess, tokenizer = load_clip(clip)
+    raw = shards.read_tar(cfg.raw_dir / f"{keys['astronaut'][:5]}.tar")[keys["astronaut"]]
+    with torch.no_grad():
+        img = model.encode_image(preprocess(Image.open(io.BytesIO(raw["jpg"])).convert("RGB"))[None])
+        txt = model.encode_text(tokenizer([raw["txt"].decode()]))
+    img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+    assert row["clip_score"] == pytest.approx(float((img * txt).sum()), abs=1e-5)
+    assert np.allclose(np.asarray(row["clip_embedding"], np.float32), img[0].numpy(), atol=2e-3)
+    assert len(row["clip_embedding"]) == 64
+
+
+def test_selection_top_fraction_across_shards(scored):
+    cfg, _, _, summary, _ = scored
+    scores = _scores(cfg)
+    dedup = {r["key"]: r for r in pq.read_table(cfg.scores_dir / "_dedup.parquet").to_pylist()}
+    sel = {r["key"]: r for sid in shards.done_shards(cfg.selection_dir)
+           for r in pq.read_table(cfg.selection_dir / f"{shards.shard_name(sid)}.parquet").to_pylist()}
+    assert set(sel) == set(scores)
+    valid = sorted(r["clip_score"] for r in scores.values() if r["clip_score"] is not None)
+    threshold = summary["rules"][2]["threshold"]
+    assert threshold == pytest.approx(valid[-int(np.ceil(len(valid) / 2))])  # over all shards together
+    for key, r in sel.items():
+        s = scores[key]
+        expect = ("score_error" if s["score_error"] else "not duplicate" if dedup[key]["duplicate_of"]
+                  else "junk_alt < 0.8" if s["junk_alt"] >= 0.8
+                  else "top 50% by clip_score" if s["clip_score"] < threshold else None)
+        assert (r["reason"] or None if not r["reason"] or not r["reason"].startswith("score_error")
+                else "score_error") == expect, (key, r, s)
+        assert r["keep"] == (expect is None)
+    kept_shards = {k[:5] for k, r in sel.items() if r["keep"]}
+    assert len(kept_shards) >= 2
+
+
+def test_reselect_with_changed_rule_loads_no_model(scored, tmp_path):
+    cfg, _, _, _, _ = scored
+    code = f"""
+import json, sys, time
+from pipeline.config import RunConfig
+from pipeline.select import select
+cfg = RunConfig.model_validate(json.loads(sys.argv[1]))
+t = time.perf_counter(); summary = select(cfg); elapsed = time.perf_counter() - t
+heavy = sorted(m for m in ("torch", "open_clip", "onnxruntime", "transformers", "ray") if m in sys.modules)
+print(json.dumps({{"heavy": heavy, "kept": summary["kept"], "seconds": elapsed}}))
+"""
+    import shutil
+
+    shutil.copytree(cfg.scores_dir, tmp_path / "scores")  # the shared run's selection stays as it is
+    changed = cfg.model_copy(update={"output": str(tmp_path),
+                                     "select": cfg.select.model_copy(update={"rules": ["junk_alt < 0.8"]})})
+    proc = subprocess.run([sys.executable, "-c", code, changed.model_dump_json()], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["heavy"] == [] and out["seconds"] < 10
+    scores = _scores(cfg)
+    assert out["kept"] == sum(1 for r in scores.values() if r["score_error"] is None and r["junk_alt"] < 0.8)
+
+
+def test_unknown_rule_fails_before_any_work(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output: {tmp_path / 'run'}\ninput: {{path: nowhere.parquet}}\n"
+                   f"select: {{rules: ['clip_scroe >= 0.3']}}\n")
+    proc = subprocess.run(tapir_cmd("run", cfg), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "names unknown score 'clip_scroe'" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_kill_and_resume_score_gives_same_scores(scored, tmp_path):
+    cfg, _, _, _, _ = scored
+    out = tmp_path / "rescore"
+    conf = cfg.model_copy(update={"output": str(out)})
+    conf.score.input = str(cfg.raw_dir)
+    conf.score.actors = 1
+    path = tmp_path / "score.yaml"
+    path.write_text(conf.model_dump_json())  # JSON is YAML
+    proc = subprocess.Popen(tapir_cmd("score", path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (conf.scores_dir.exists() and shards.done_shards(conf.scores_dir)):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 1 <= len(shards.done_shards(conf.scores_dir)) < 3
+    resumed = subprocess.run(tapir_cmd("score", path), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for sid in range(3):
+        name = f"{shards.shard_name(sid)}.parquet"
+        assert pq.read_table(conf.scores_dir / name).equals(pq.read_table(cfg.scores_dir / name)), name
+    assert pq.read_table(conf.scores_dir / "_dedup.parquet").equals(pq.read_table(cfg.scores_dir / "_dedup.parquet"))
+
+
+def test_report_has_plots_grid_and_html(scored):
+    from pipeline.report import report
+
+    cfg, _, _, _, _ = scored
+    funnel, path = report(cfg.output)
+    out = path.parent
+    assert {"download", "score", "select"} <= set(funnel)
+    assert funnel["select"]["kept"] + funnel["select"]["dropped"] == funnel["score"]["rows_in"]
+    for png in ("hist_clip_score.png", "hist_min_side.png", "hist_caption_chars.png", "samples.png"):
+        assert Image.open(out / png).size[0] > 100
+    page = (out / "index.html").read_text()
+    assert "samples.png" in page and "not duplicate" in page
