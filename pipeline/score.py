@@ -1,11 +1,13 @@
 """The score stage: raw/ shards -> scores/NNNNN.parquet (key + one column per score).
 
 Reads any folder in img2dataset's webdataset layout (NNNNN.tar + NNNNN.parquet +
-NNNNN_stats.json). Each shard is scored by an actor that loaded its models once
-(``ScoreShard.setup``), decoding and preprocessing the next batch on a thread while
-the models run on the current one. A shard's scores are committed atomically; a rerun
-scores only the shards without a completion record. After all shards, duplicate groups
-are computed over the whole dataset into ``scores/_dedup.parquet``.
+NNNNN_stats.json). Model scorers (CLIP) run on an actor pool that loaded the model once
+per actor, on a GPU when there is one; CPU scorers (basic, language, phash, NSFW, OCR)
+run as Ray tasks at the same time. Both decode and preprocess the next batch on a thread
+while the current one is scored, and write their part of a shard atomically
+(scores/_parts/GROUP/); a shard is committed once all its parts are in, and a rerun
+redoes only what has no completion record. After all shards, duplicate groups are
+computed over the whole dataset into ``scores/_dedup.parquet``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 BASE_SCHEMA = pa.schema([("key", pa.string()), ("score_error", pa.string()), ("sha256", pa.string())])
 
 
-def build_scorers(cfg: ScoreConfig) -> list:
+MODEL_SCORERS = ("clip",)  # run on actor pools (GPUs when present); the others run as CPU tasks
+
+
+def build_scorers(cfg: ScoreConfig, names: list[str]) -> list:
     from filters.basic import BasicScorer, LanguageScorer, PhashScorer
     from filters.clip import ClipScorer
     from filters.safety import NsfwScorer, OcrScorer
@@ -42,7 +47,7 @@ def build_scorers(cfg: ScoreConfig) -> list:
         "clip": lambda: ClipScorer(cfg.clip.model, cfg.clip.pretrained, cfg.clip.device, cfg.clip.precision),
         "nsfw": NsfwScorer, "ocr": lambda: OcrScorer(cfg.ocr_max_side),
     }
-    return [make[name]() for name in cfg.scorers]
+    return [make[name]() for name in names]
 
 
 def expected_schema(cfg: ScoreConfig) -> pa.Schema:
@@ -71,19 +76,30 @@ def _decode(data: bytes | None):
         return None, f"decode error: {type(e).__name__}: {e}"
 
 
+_WORKER_CACHE: dict = {}
+
+
 @dataclass
 class ScoreShard:
-    """Scores one shard; a plain class (no Ray), run on an actor pool by pipeline.ray_backend."""
+    """Scores one shard with a group of scorers and commits that group's part.
+
+    A plain class (no Ray): pipeline.ray_backend runs the model group on an actor pool
+    (``setup`` once per actor) and the CPU group as tasks (``as_task``: set up once per
+    worker process and reused).
+    """
 
     config: dict
+    group: str  # "cpu" or "model"
+    scorer_names: list
     threads: int = 1
+    with_hash: bool = True  # one part per shard carries the content hash
 
     def setup(self) -> None:
         import torch
 
         torch.set_num_threads(max(1, self.threads))
         self.cfg = RunConfig.model_validate(self.config)
-        self.scorers = build_scorers(self.cfg.score)
+        self.scorers = build_scorers(self.cfg.score, self.scorer_names)
         for scorer in self.scorers:
             scorer.setup()
         self.clip = next((s for s in self.scorers if s.name == "clip"), None)
@@ -138,11 +154,11 @@ class ScoreShard:
                         column = columns.setdefault(col, [None] * n)
                         for i, v in zip(batch["index"], values):
                             column[i] = v
-        table = self._table(keys, hashes, errors, columns)
+        table = self._table(keys, hashes if self.with_hash else None, errors, columns)
         return self._commit(shard_id, table, start)
 
     def _table(self, keys, hashes, errors, columns) -> pa.Table:
-        fields = list(BASE_SCHEMA)
+        fields = list(BASE_SCHEMA) if hashes is not None else list(BASE_SCHEMA)[:2]
         data = {"key": keys, "score_error": [errors.get(i) for i in range(len(keys))], "sha256": hashes}
         for scorer in self.scorers:
             for f in scorer.schema:
@@ -153,8 +169,15 @@ class ScoreShard:
                 data[f.name] = values
         return pa.table({f.name: pa.array(data[f.name], type=f.type) for f in fields})
 
+    def as_task(self, shard_id: int) -> dict:
+        key = (self.group, repr(self.config))
+        if key not in _WORKER_CACHE:
+            self.setup()
+            _WORKER_CACHE[key] = self
+        return _WORKER_CACHE[key](shard_id)
+
     def _commit(self, shard_id: int, table: pa.Table, start: float) -> dict:
-        out, name = self.cfg.scores_dir, shards.shard_name(shard_id)
+        out, name = part_dir(self.cfg, self.group), shards.shard_name(shard_id)
         staging = shards.new_staging(out, shard_id)
         shards.write_parquet(staging / f"{name}.parquet", table)
         errors = table["score_error"].drop_null().to_pylist()
@@ -216,8 +239,45 @@ def dedup(cfg: RunConfig) -> pa.Table:
     return result
 
 
+def part_dir(cfg: RunConfig, group: str) -> Path:
+    return cfg.scores_dir / "_parts" / group
+
+
+def merge_parts(cfg: RunConfig, shard_id: int, groups: list[str]) -> None:
+    """Join the groups' parts of a shard (same keys, same order) into scores/NNNNN.parquet."""
+    name = shards.shard_name(shard_id)
+    parts = [pq.read_table(part_dir(cfg, g) / f"{name}.parquet") for g in groups]
+    table = parts[0]
+    for part in parts[1:]:
+        assert part["key"].equals(table["key"]), f"score parts of shard {name} disagree on keys"
+        errors = [a or b for a, b in zip(table["score_error"].to_pylist(), part["score_error"].to_pylist())]
+        table = table.set_column(table.schema.get_field_index("score_error"), "score_error",
+                                 pa.array(errors, pa.string()))
+        for col in part.column_names[2:]:
+            table = table.append_column(part.schema.field(col), part[col])
+    stats = [shards.read_stats(part_dir(cfg, g), shard_id) for g in groups]
+    errors = table["score_error"].drop_null().to_pylist()
+    reasons = [e.split(":")[0] for e in errors]
+    record = {"count": table.num_rows, "scored": table.num_rows - len(errors), "errors": len(errors),
+              "error_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
+              "scorers": [n for st in stats for n in st["scorers"]], "duration": sum(st["duration"] for st in stats)}
+    staging = shards.new_staging(cfg.scores_dir, shard_id)
+    shards.write_parquet(staging / f"{name}.parquet", table)
+    shards.commit(staging, cfg.scores_dir, shard_id, [f"{name}.parquet"], record)
+    for g in groups:
+        for f in (f"{name}.parquet", f"{name}_stats.json"):
+            (part_dir(cfg, g) / f).unlink(missing_ok=True)
+
+
 def score(cfg: RunConfig) -> dict:
-    """Run the score stage; return its funnel."""
+    """Run the score stage; return its funnel.
+
+    CPU scorers run as Ray tasks and model scorers on an actor pool (a GPU per actor when
+    the cluster has GPUs), at the same time; each writes its part of a shard, and a shard
+    is committed once all its parts are in.
+    """
+    import threading
+
     from pipeline import ray_backend
     from pipeline.report import score_funnel
 
@@ -227,24 +287,62 @@ def score(cfg: RunConfig) -> dict:
     if not available:
         raise FileNotFoundError(f"no completed shards to score in {src} (expected NNNNN.tar, NNNNN.parquet, "
                                 f"NNNNN_stats.json as img2dataset writes them)")
+    groups = {"cpu": [n for n in cfg.score.scorers if n not in MODEL_SCORERS],
+              "model": [n for n in cfg.score.scorers if n in MODEL_SCORERS]}
+    groups = {g: names for g, names in groups.items() if names}
     out.mkdir(parents=True, exist_ok=True)
-    shards.clear_staging(out)
+    for folder in (out, *(part_dir(cfg, g) for g in groups)):
+        shards.clear_staging(folder)
     todo = sorted(available - shards.done_shards(out))
     ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
-    gpus = cfg.resources.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray_backend.cluster_gpus() >= 1 and "clip" in cfg.score.scorers else 0.0
-    actors = cfg.score.actors or (int(ray_backend.cluster_gpus() / gpus) if gpus else
-                                  max(1, int(ray_backend.cluster_cpus() / cfg.resources.cpus_per_actor)))
     rows = {sid: json_count(src, sid) for sid in todo}
-    stage = ScoreShard(cfg.model_dump(), threads=int(cfg.resources.cpus_per_actor))
-    failures = {}
-    for sid, result, _ in ray_backend.run_actor_pool(
-            stage, todo, desc="score", actors=actors, num_cpus=cfg.resources.cpus_per_actor, num_gpus=gpus,
-            weight=lambda s: rows[s], unit="img"):
-        if isinstance(result, Exception):
-            failures[sid] = result
-            log.error("scoring shard %s failed: %s (rerun to retry it)", sid, result)
+    failures: dict = {}
+    dump = cfg.model_dump()
+    lock = threading.Lock()
+
+    def merge_if_ready(sid: int) -> None:  # commit a shard as soon as all its parts are in
+        with lock:
+            if sid not in shards.done_shards(out) and all(
+                    shards.stats_path(part_dir(cfg, g), sid).exists() for g in groups):
+                merge_parts(cfg, sid, list(groups))
+
+    def run_cpu():
+        part_dir(cfg, "cpu").mkdir(parents=True, exist_ok=True)
+        stage = ScoreShard(dump, "cpu", groups["cpu"], with_hash=True)
+        pending = sorted(set(todo) - shards.done_shards(part_dir(cfg, "cpu")))
+        for sid, result, _ in ray_backend.run_tasks(stage.as_task, pending, desc="score (cpu)", unit="img",
+                                                    weight=lambda s: rows[s], num_cpus=1):
+            if isinstance(result, Exception):
+                failures[sid] = result
+            else:
+                merge_if_ready(sid)
+
+    thread = threading.Thread(target=run_cpu, daemon=True) if "cpu" in groups else None
+    if thread:
+        thread.start()
+    if "model" in groups:
+        part_dir(cfg, "model").mkdir(parents=True, exist_ok=True)
+        gpus = cfg.resources.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray_backend.cluster_gpus() >= 1 else 0.0
+        cpus = cfg.resources.cpus_per_actor
+        actors = cfg.score.actors or (int(ray_backend.cluster_gpus() / gpus) if gpus else
+                                      max(1, int(ray_backend.cluster_cpus() / cpus) - (1 if thread else 0)))
+        stage = ScoreShard(dump, "model", groups["model"], threads=int(cpus), with_hash="cpu" not in groups)
+        pending = sorted(set(todo) - shards.done_shards(part_dir(cfg, "model")))
+        for sid, result, _ in ray_backend.run_actor_pool(stage, pending, desc="score (model)", actors=actors,
+                                                         num_cpus=cpus, num_gpus=gpus, weight=lambda s: rows[s],
+                                                         unit="img"):
+            if isinstance(result, Exception):
+                failures[sid] = result
+            else:
+                merge_if_ready(sid)
+    if thread:
+        thread.join()
+    for sid in todo:  # parts finished by an earlier, killed run
+        merge_if_ready(sid)
+    for sid, err in failures.items():
+        log.error("scoring shard %s failed: %s (rerun to retry it)", sid, err)
     if todo or not (out / "_dedup.parquet").exists():
         dedup(cfg)
     funnel = score_funnel(Path(cfg.output), cfg.scores_dir)
