@@ -142,6 +142,10 @@ def test_report_command(reference_run):
 def test_demo(tmp_path):
     proc = _run(["demo", "--output", tmp_path / "demo", "--rows", "80"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    funnel = json.loads((tmp_path / "demo" / "report" / "funnel.json").read_text())["download"]
-    assert funnel["rows_in"] == 80 and funnel["lineage_ok"] and funnel["succeeded"] > 40
-    assert "raw shards:" in proc.stdout
+    funnel = json.loads((tmp_path / "demo" / "report" / "funnel.json").read_text())
+    download, score, select = funnel["download"], funnel["score"], funnel["select"]
+    assert download["rows_in"] == 80 and download["lineage_ok"] and download["succeeded"] > 40
+    assert score["rows_in"] == download["succeeded"] == select["rows_in"]
+    assert 0 < select["kept"] < select["rows_in"] and score["duplicates_by_kind"].get("exact", 0) >= 1
+    assert (tmp_path / "demo" / "report" / "index.html").exists()
+    assert "raw shards:" in proc.stdout and "select:" in proc.stdout
