@@ -72,6 +72,17 @@ def cmd_select(args) -> int:
     return 0
 
 
+def cmd_recaption(args) -> int:
+    from pipeline.recaption import recaption
+    from pipeline.report import format_stage
+
+    cfg = _load(args)
+    funnel = recaption(cfg)
+    print(format_stage(funnel))
+    print(f"captions: {cfg.captions_dir}")
+    return 1 if funnel.get("failed_shards") else 0
+
+
 def cmd_run(args) -> int:
     from pipeline.report import report
     from pipeline.select import check_rules
@@ -80,6 +91,7 @@ def cmd_run(args) -> int:
     code = cmd_download(args)
     code |= cmd_score(args)
     code |= cmd_select(args)
+    code |= cmd_recaption(args)
     _, path = report(Path(_load(args).output))
     print(f"report: {path.parent / 'index.html'}")
     return code
@@ -143,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     _common(p)
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("recaption", help="caption the kept rows into RUN/captions/ (descriptive and short)")
+    p.add_argument("config")
+    _common(p)
+    p.set_defaults(func=cmd_recaption)
 
     p = sub.add_parser("run", help="run every stage of a config, then the report")
     p.add_argument("config")

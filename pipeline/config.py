@@ -132,6 +132,48 @@ class SelectConfig(_Strict):
         "'top 30% by clip_score', 'language in [en]', 'not duplicate'.")
 
 
+class PromptsConfig(_Strict):
+    descriptive: str = Field("descriptive-v1", description="Template for descriptive captions "
+                             "(a name in configs/prompts/ or a path).")
+    short: str = Field("short-v1", description="Template for short captions.")
+
+
+class RecaptionConfig(_Strict):
+    backend: Literal["transformers", "openai"] = Field(
+        "transformers", description="'transformers': a local model on actors; 'openai': an "
+        "OpenAI-compatible server (vLLM, SGLang).")
+    model: str = Field("Salesforce/blip-image-captioning-large", description="Hugging Face id or local path "
+                       "(transformers), or the served model name (openai).")
+    base_url: Optional[str] = Field(None, description="Server URL ending in /v1 (openai backend).")
+    api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Prompt templates.")
+    alt_text_hint: bool = Field(True, description="Offer the original alt-text to the model as a hint.")
+    batch_size: int = Field(16, gt=0, description="Images per generate call.")
+    max_new_tokens: int = Field(120, gt=0, description="Generation length cap, tokens.")
+    token_budget_descriptive: int = Field(256, gt=0, description="Descriptive captions are cut at a sentence "
+                                          "boundary to this many tokens (T5 reads 256+).")
+    token_budget_short: int = Field(77, gt=0, description="Short captions are cut to this many tokens (CLIP: 77).")
+    token_counter: Literal["clip", "words"] = Field("clip", description="How tokens are counted for the budgets.")
+    min_words: int = Field(3, ge=1, description="Shorter outputs count as degenerate.")
+    retry_sampling: list[dict] = Field(
+        [{"do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.3},
+         {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "repetition_penalty": 1.5}],
+        description="Sampling settings tried in turn after a degenerate greedy output.")
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda'.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="'auto': bf16 on GPU, fp32 on CPU.")
+    actors: Optional[int] = Field(None, gt=0, description="Captioning actors (null: one per GPU, else per CPU).")
+    concurrency: int = Field(8, gt=0, description="Requests in flight per actor (openai backend).")
+    timeout: float = Field(60.0, gt=0, description="Seconds per request (openai backend).")
+    http_retries: int = Field(3, ge=0, description="Retries of a failed request, with backoff (openai).")
+    backoff: float = Field(1.0, ge=0, description="First backoff in seconds, doubled per retry (openai).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("recaption.base_url is required with the openai backend")
+        return self
+
+
 class ResourcesConfig(_Strict):
     ray_address: Optional[str] = Field(None, description="Existing Ray cluster ('auto', 'HOST:PORT'); "
                                        "null starts Ray in-process on this machine.")
@@ -148,6 +190,7 @@ class RunConfig(_Strict):
     download: DownloadConfig = Field(default_factory=DownloadConfig, description="The download stage.")
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="The score stage.")
     select: SelectConfig = Field(default_factory=SelectConfig, description="The select stage.")
+    recaption: RecaptionConfig = Field(default_factory=RecaptionConfig, description="The recaption stage.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray and concurrency.")
 
     @model_validator(mode="after")
@@ -171,6 +214,10 @@ class RunConfig(_Strict):
     @property
     def selection_dir(self) -> Path:
         return Path(self.output) / "selection"
+
+    @property
+    def captions_dir(self) -> Path:
+        return Path(self.output) / "captions"
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -16,7 +16,9 @@ def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: l
     from pipeline import ray_backend
     from pipeline.download import download
     from pipeline.report import format_stage, report
+    from pipeline.recaption import recaption
     from pipeline.score import score
+    from recaption.tiny import save_tiny_blip
     from pipeline.select import check_rules, select
     from pipeline.synthweb import WebServer, build_world
 
@@ -33,13 +35,15 @@ def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: l
         # no CLIP trained for the synthetic world yet: a tiny one built from a config, saved
         # locally and loaded through the same loader as a pretrained model
         clip = save_local_clip(output / "models" / "tiny-clip")
+        captioner = save_tiny_blip(output / "models" / "tiny-blip")  # likewise a tiny captioner
         cfg = load_config(config, [f"output={output}", f"input.path={urls}", f"score.clip.model={clip}",
-                                   "score.clip.pretrained=null", *overrides])
+                                   "score.clip.pretrained=null", f"recaption.model={captioner}", *overrides])
         check_rules(cfg)
         try:
             download(cfg)
             score(cfg)
             select(cfg)
+            recaption(cfg)
         finally:
             ray_backend.shutdown()
     funnel, path = report(output)
@@ -52,6 +56,7 @@ def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: l
     print(f"  raw shards: {cfg.raw_dir}  (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json)")
     print(f"  scores:     {cfg.scores_dir}  (NNNNN.parquet, _dedup.parquet)")
     print(f"  selection:  {cfg.selection_dir}  (key, keep, reason)")
+    print(f"  captions:   {cfg.captions_dir}  (descriptive, short, provenance)")
     print(f"  funnel:     {path}")
     print(f"  report:     {path.parent / 'index.html'}  (histograms, kept/dropped grid)")
     return 0 if funnel["download"]["lineage_ok"] else 1

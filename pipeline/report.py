@@ -10,6 +10,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import shards
@@ -83,9 +84,31 @@ def select_funnel(run_dir: Path) -> dict:
             "rules": summary["rules"]}
 
 
+def recaption_funnel(run_dir: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    folder = Path(run_dir) / "captions"
+    ids = sorted(shards.done_shards(folder))
+    if not ids:
+        raise FileNotFoundError(f"no captions in {folder}")
+    t = pa.concat_tables([pq.read_table(folder / f"{shards.shard_name(i)}.parquet",
+                                        columns=["status", "reason"]) for i in ids])
+    reasons = Counter()
+    for r in t["reason"].drop_null().to_pylist():
+        for part in r.split("; "):
+            reasons[part.split(" after ")[0]] += 1
+    ok = t["status"].to_pylist().count("ok")
+    return {"stage": "recaption", "rows_in": t.num_rows, "captioned": ok, "failed": t.num_rows - ok,
+            "failed_by_reason": dict(reasons.most_common()), "shards": len(ids)}
+
+
 def format_stage(f: dict) -> str:
     if f["stage"] == "download":
         return format_funnel(f)
+    if f["stage"] == "recaption":
+        lines = [f"recaption: {f['rows_in']} kept rows in -> {f['captioned']} captioned, {f['failed']} failed"]
+        lines += [f"    {r:<30}{n:>8}" for r, n in f["failed_by_reason"].items()]
+        return "\n".join(lines)
     if f["stage"] == "score":
         lines = [f"score: {f['rows_in']} images in -> {f['scored']} scored, {f['failed']} failed"]
         lines += [f"    {r:<22}{n:>8}" for r, n in f["failed_by_reason"].items()]
@@ -108,6 +131,8 @@ def report(run_dir: Path, visuals: bool = True) -> tuple[dict, Path]:
         funnel["score"] = score_funnel(run_dir)
     if (run_dir / "selection" / "_summary.json").exists():
         funnel["select"] = select_funnel(run_dir)
+    if shards.done_shards(run_dir / "captions"):
+        funnel["recaption"] = recaption_funnel(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "funnel.json"

@@ -121,6 +121,56 @@ def sample_grid(table: pa.Table, raw: Path, out: Path, per_side: int = 12, thumb
     return path
 
 
+def caption_visuals(run_dir: Path, out: Path, n: int = 8) -> list[Path]:
+    """Caption lengths before (alt-text) and after (short, descriptive), and a grid of images
+    with their three captions side by side."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image, ImageDraw
+
+    folder = run_dir / "captions"
+    table = pa.concat_tables([pq.read_table(folder / f"{shards.shard_name(i)}.parquet")
+                              for i in sorted(shards.done_shards(folder))])
+    rows = table.to_pylist()
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for col, label in (("alt_text", "alt-text (before)"), ("short", "short"), ("descriptive", "descriptive")):
+        words = [len(r[col].split()) for r in rows if r[col]]
+        if words:
+            ax.hist(words, bins=20, alpha=0.6, label=label)
+    ax.set_xlabel("caption length (words)")
+    ax.set_ylabel("images")
+    ax.legend()
+    fig.tight_layout()
+    hist = out / "hist_caption_lengths.png"
+    fig.savefig(hist)
+    plt.close(fig)
+    shown = rows[:n]
+    thumb, width, line = 128, 760, 13
+    grid = Image.new("RGB", (width, max(1, len(shown)) * (thumb + 12)), "white")
+    draw, cache = ImageDraw.Draw(grid), {}
+    for i, r in enumerate(shown):
+        y = i * (thumb + 12)
+        im = _image(run_dir / "raw", r["key"], cache)
+        if im is not None:
+            im.thumbnail((thumb, thumb))
+            grid.paste(im, (4, y + 4))
+        texts = [("alt", r["alt_text"] or "", "gray"), ("short", r["short"] or f"[failed] {r['reason'] or ''}",
+                                                          "black"),
+                 ("descriptive", r["descriptive"] or "[failed]", "black")]
+        yy = y + 4
+        for label, text, colour in texts:
+            for k, part in enumerate(textwrap.wrap(f"{label}: {text}", 95)[:3]):
+                draw.text((thumb + 12, yy), part, fill=colour)
+                yy += line
+    grid_path = out / "captions.png"
+    grid.save(grid_path)
+    return [hist, grid_path]
+
+
 def write_visuals(run_dir: Path, funnel: dict, out: Path) -> Path:
     from pipeline.report import format_stage
 
@@ -137,6 +187,10 @@ def write_visuals(run_dir: Path, funnel: dict, out: Path) -> Path:
     parts += [f'<img src="{p.name}" alt="{p.stem}">' for p in plots]
     if grid:
         parts.append(f'<h2>Kept and dropped examples</h2><img src="{grid.name}" alt="samples">')
+    if "recaption" in funnel:
+        hist, captions = caption_visuals(run_dir, out)
+        parts.append(f'<h2>Captions</h2><img src="{hist.name}" alt="caption lengths">'
+                     f'<br><img src="{captions.name}" alt="captions">')
     parts.append(f"<h2>funnel.json</h2><pre>{html.escape(json.dumps(funnel, indent=2))}</pre>")
     page = out / "index.html"
     page.write_text("\n".join(parts))
