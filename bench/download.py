@@ -14,16 +14,21 @@ any process, is refused and counted.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing as mp
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-GUARD = ROOT / "tests" / "netguard"
+BENCH = Path(__file__).resolve().parent
+# this folder must not be on sys.path: bench/recaption.py would shadow the recaption package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+_spec = importlib.util.spec_from_file_location("tapir_bench_common", BENCH / "_common.py")
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+guarded_workdir = _common.guarded_workdir
+violations = _common.violations
 
 
 def _serve(rows: int, seed: int, queue) -> None:
@@ -81,16 +86,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="alternate the two tools this many times")
     args = p.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="tapir-bench-"))
-    os.environ["TAPIR_NETGUARD_LOG"] = str(work / "netguard.log")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GUARD), os.environ.get("PYTHONPATH")]))
-    sys.path.insert(0, str(GUARD))
-    import tapir_netguard
-
-    tapir_netguard.install()
-    from pipeline.ray_backend import quiet_env
-
-    quiet_env()
+    work = guarded_workdir("tapir-bench-")
     queue = mp.get_context("spawn").Queue()
     server = mp.get_context("spawn").Process(target=_serve, args=(args.rows, 0, queue), daemon=True)
     server.start()
@@ -107,7 +103,6 @@ def main() -> None:
                 results[name].append(fn(str(url_list), str(out), args))
     finally:
         server.terminate()
-    violations = [l for l in Path(os.environ["TAPIR_NETGUARD_LOG"]).read_text().splitlines() if "VIOLATION" in l]
     print(f"\nrows={args.rows} shard={args.shard} threads={args.threads} processes={args.processes} "
           f"image_size={args.image_size} (loopback server in its own process)")
     best = {}
@@ -116,7 +111,7 @@ def main() -> None:
             print(f"  {name:<12} run {i}: {ok:>6} images in {sec:6.1f} s = {ok / sec:7.1f} img/s")
         best[name] = max(ok / sec for sec, ok in runs)
     print(f"  ratio tapir / img2dataset (best runs): {best['tapir'] / best['img2dataset']:.3f}  (goal >= 0.95)")
-    print(f"  non-loopback connection attempts refused by the guard: {len(violations)}")
+    print(f"  non-loopback connection attempts refused by the guard: {violations(work)}")
     shutil.rmtree(work, ignore_errors=True)
 
 

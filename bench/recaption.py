@@ -13,17 +13,22 @@ tokens/s and the ratio (goal >= 0.9). Not a test.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-GUARD = ROOT / "tests" / "netguard"
-sys.path.insert(0, str(ROOT / "bench"))
+BENCH = Path(__file__).resolve().parent
+# this folder must not be on sys.path: bench/recaption.py would shadow the recaption package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+_spec = importlib.util.spec_from_file_location("tapir_bench_common", BENCH / "_common.py")
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+guarded_workdir = _common.guarded_workdir
+violations = _common.violations
+write_shards = _common.write_shards
 
 
 def base_blip(folder: Path, tiny: bool) -> str:
@@ -53,7 +58,6 @@ def base_blip(folder: Path, tiny: bool) -> str:
 def write_run(out: Path, n: int, per_shard: int) -> list:
     import pyarrow as pa
     from PIL import Image
-    from score import write_shards
 
     from pipeline import shards
 
@@ -119,28 +123,18 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="the tiny test BLIP instead of the base size")
     args = p.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="tapir-bench-recap-"))
-    os.environ["TAPIR_NETGUARD_LOG"] = str(work / "netguard.log")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GUARD), os.environ.get("PYTHONPATH")]))
-    sys.path.insert(0, str(GUARD))
-    import tapir_netguard
-
-    tapir_netguard.install()
-    from pipeline.ray_backend import quiet_env
-
-    quiet_env()
+    work = guarded_workdir("tapir-bench-recap-")
     model = base_blip(work / "model", args.tiny)
     images = write_run(work / "run", args.images, args.per_shard)
     a_caps, a_toks = bench_bare(model, images, args.batch, args.new_tokens)
     b_caps, b_toks = bench_tapir(work / "run", model, args.batch, args.new_tokens, args.images)
-    violations = [l for l in Path(os.environ["TAPIR_NETGUARD_LOG"]).read_text().splitlines() if "VIOLATION" in l]
     size = "tiny" if args.tiny else "base-size (ViT-B/16 384 px + BERT-base decoder)"
     print(f"\nBLIP {size}, random weights, {args.images} images, batch {args.batch}, "
           f"{args.new_tokens} new tokens, 2 caption kinds per image, greedy, CPU")
     print(f"  bare batched generate : {a_caps:7.2f} images/s  {a_toks:8.1f} tokens/s")
     print(f"  tapir recaption       : {b_caps:7.2f} images/s  {b_toks:8.1f} tokens/s")
     print(f"  ratio tapir / bare    : {b_caps / a_caps:.3f}  (goal >= 0.9)")
-    print(f"  non-loopback connection attempts refused by the guard: {len(violations)}")
+    print(f"  non-loopback connection attempts refused by the guard: {violations(work)}")
     shutil.rmtree(work, ignore_errors=True)
 
 

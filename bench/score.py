@@ -15,38 +15,22 @@ of a real architecture (default ViT-B-32) are fine for speed. Not a test.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
-import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-GUARD = ROOT / "tests" / "netguard"
-
-
-def write_shards(folder: Path, n: int, per_shard: int) -> list[tuple[bytes, str]]:
-    """Synthetic scenes written as img2dataset would: NNNNN.tar/.parquet/_stats.json."""
-    import pyarrow as pa
-
-    from pipeline import shards
-    from pipeline.synthweb import build_world
-
-    world = build_world(n, seed=0, noisy=False)
-    items = [(world.resources[r["path"]].body, r["alt"]) for r in world.rows]
-    folder.mkdir(parents=True)
-    for sid in range(0, -(-n // per_shard)):
-        rows = items[sid * per_shard:(sid + 1) * per_shard]
-        keys = [f"{sid:05d}{i:04d}" for i in range(len(rows))]
-        shards.write_tar(folder / f"{sid:05d}.tar",
-                         [(k, {"jpg": b, "txt": c.encode()}) for k, (b, c) in zip(keys, rows)])
-        shards.write_parquet(folder / f"{sid:05d}.parquet", pa.table({
-            "key": keys, "caption": [c for _, c in rows], "status": ["success"] * len(rows)}))
-        (folder / f"{sid:05d}_stats.json").write_text(json.dumps({"count": len(rows), "successes": len(rows)}))
-    return items
+BENCH = Path(__file__).resolve().parent
+# this folder must not be on sys.path: bench/recaption.py would shadow the recaption package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+_spec = importlib.util.spec_from_file_location("tapir_bench_common", BENCH / "_common.py")
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+guarded_workdir = _common.guarded_workdir
+violations = _common.violations
+write_shards = _common.write_shards
 
 
 def bench_scorer(items, model, batch) -> float:
@@ -107,21 +91,11 @@ def main() -> None:
     p.add_argument("--naive", type=int, default=128, help="images for the naive loop (it is slow)")
     args = p.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="tapir-bench-score-"))
-    os.environ["TAPIR_NETGUARD_LOG"] = str(work / "netguard.log")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GUARD), os.environ.get("PYTHONPATH")]))
-    sys.path.insert(0, str(GUARD))
-    import tapir_netguard
-
-    tapir_netguard.install()
-    from pipeline.ray_backend import quiet_env
-
-    quiet_env()
+    work = guarded_workdir("tapir-bench-score-")
     items = write_shards(work / "raw", args.images, args.per_shard)
     a = bench_scorer(items, args.model, args.batch)
     b = bench_tapir(work / "raw", work / "run", args.images, args.model, args.batch)
     c = bench_naive(items, args.model, args.naive)
-    violations = [l for l in Path(os.environ["TAPIR_NETGUARD_LOG"]).read_text().splitlines() if "VIOLATION" in l]
     import torch
 
     print(f"\n{args.model} (random weights), {args.images} images at 256 px in {args.images // args.per_shard} "
@@ -130,7 +104,7 @@ def main() -> None:
     print(f"  (b) tapir score end to end                 : {b:7.1f} img/s")
     print(f"  (c) naive loop, PIL + one image at a time  : {c:7.1f} img/s  ({args.naive} images)")
     print(f"  ratio b/a = {b / a:.3f}  (goal >= 0.85)    ratio b/c = {b / c:.2f}")
-    print(f"  non-loopback connection attempts refused by the guard: {len(violations)}")
+    print(f"  non-loopback connection attempts refused by the guard: {violations(work)}")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -61,7 +61,7 @@ class ClipScorer:
             self.dim = int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1])
         self.schema = pa.schema([("clip_score", pa.float32()), ("clip_embedding", pa.list_(pa.float16(), self.dim))])
 
-    def prepare(self, images) -> "torch.Tensor":  # noqa: F821
+    def prepare(self, images):
         """CPU work (resize, crop, normalise): the stage runs it ahead of the model."""
         import torch
 

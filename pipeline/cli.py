@@ -39,68 +39,45 @@ def _load(args):
     return load_config(args.config, overrides)
 
 
-def cmd_download(args) -> int:
-    from pipeline.download import download
-    from pipeline.report import format_funnel
-
-    cfg = _load(args)
-    funnel = download(cfg)
-    print(format_funnel(funnel))
-    print(f"raw shards: {cfg.raw_dir}")
-    return 1 if funnel.get("failed_shards") else 0
+STAGES = {  # name: (help, output folder attribute of RunConfig); pipeline.NAME.NAME(cfg) runs it
+    "download": ("download a URL list into RUN/raw/ (img2dataset, hardened)", "raw_dir"),
+    "score": ("score RUN/raw/ (or score.input) into RUN/scores/, then dedup", "scores_dir"),
+    "select": ("apply select.rules to RUN/scores/ into RUN/selection/ (no model)", "selection_dir"),
+    "recaption": ("caption the kept rows into RUN/captions/ (descriptive and short)", "captions_dir"),
+}
 
 
-def cmd_score(args) -> int:
-    from pipeline.report import format_stage
-    from pipeline.score import score
+def _run_stage(name: str, cfg) -> int:
+    import importlib
 
-    cfg = _load(args)
-    funnel = score(cfg)
-    print(format_stage(funnel))
-    print(f"scores: {cfg.scores_dir}")
-    return 1 if funnel.get("failed_shards") else 0
-
-
-def cmd_select(args) -> int:
-    from pipeline.report import format_stage, select_funnel
-    from pipeline.select import select
-
-    cfg = _load(args)
-    select(cfg)
-    print(format_stage(select_funnel(Path(cfg.output))))
-    print(f"selection: {cfg.selection_dir}")
-    return 0
-
-
-def cmd_recaption(args) -> int:
-    from pipeline.recaption import recaption
     from pipeline.report import format_stage
 
-    cfg = _load(args)
-    funnel = recaption(cfg)
+    funnel = getattr(importlib.import_module(f"pipeline.{name}"), name)(cfg)
     print(format_stage(funnel))
-    print(f"captions: {cfg.captions_dir}")
+    print(f"{name} output: {getattr(cfg, STAGES[name][1])}")
     return 1 if funnel.get("failed_shards") else 0
+
+
+def cmd_stage(args) -> int:
+    return _run_stage(args.command, _load(args))
 
 
 def cmd_run(args) -> int:
     from pipeline.report import report
     from pipeline.select import check_rules
 
-    check_rules(_load(args))  # a bad rule fails before any download
-    code = cmd_download(args)
-    code |= cmd_score(args)
-    code |= cmd_select(args)
-    code |= cmd_recaption(args)
-    _, path = report(Path(_load(args).output))
+    cfg = _load(args)
+    check_rules(cfg)  # a bad rule fails before any download
+    code = 0
+    for name in STAGES:
+        code |= _run_stage(name, cfg)
+    _, path = report(Path(cfg.output))
     print(f"report: {path.parent / 'index.html'}")
     return code
 
 
 def cmd_report(args) -> int:
-    from pipeline.report import format_funnel, report
-
-    from pipeline.report import format_stage
+    from pipeline.report import format_stage, report
 
     funnel, path = report(Path(args.run_dir))
     for stage in funnel.values():
@@ -132,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tapir", description=__doc__.split(":")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("download", help="download a URL list into RUN/raw/ (img2dataset, hardened)")
+    p = sub.add_parser("download", help=STAGES["download"][0])
     p.add_argument("config", nargs="?", help="run config YAML (or give --url-list and --output)")
     p.add_argument("--url-list", help="URL list file or folder (parquet, csv, tsv, jsonl)")
     p.add_argument("--output", help="run folder")
@@ -144,22 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize-mode", choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"])
     p.add_argument("--allow-loopback", action="store_true", help="allow 127.0.0.1/::1 (tests and demos)")
     _common(p)
-    p.set_defaults(func=cmd_download)
+    p.set_defaults(func=cmd_stage)
 
-    p = sub.add_parser("score", help="score RUN/raw/ (or score.input) into RUN/scores/, then dedup")
-    p.add_argument("config")
-    _common(p)
-    p.set_defaults(func=cmd_score)
-
-    p = sub.add_parser("select", help="apply select.rules to RUN/scores/ into RUN/selection/ (no model)")
-    p.add_argument("config")
-    _common(p)
-    p.set_defaults(func=cmd_select)
-
-    p = sub.add_parser("recaption", help="caption the kept rows into RUN/captions/ (descriptive and short)")
-    p.add_argument("config")
-    _common(p)
-    p.set_defaults(func=cmd_recaption)
+    for name in ("score", "select", "recaption"):
+        p = sub.add_parser(name, help=STAGES[name][0])
+        p.add_argument("config")
+        _common(p)
+        p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("run", help="run every stage of a config, then the report")
     p.add_argument("config")

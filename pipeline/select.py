@@ -52,7 +52,7 @@ def _count(reasons: list) -> dict:
 
 
 def select(cfg: RunConfig) -> dict:
-    """Apply cfg.select.rules to scores/ and write selection/; return the summary."""
+    """Apply cfg.select.rules to scores/ and write selection/; return its funnel."""
     from pipeline.score import read_scores
 
     folder, out = cfg.scores_dir, cfg.selection_dir
@@ -90,4 +90,6 @@ def select(cfg: RunConfig) -> dict:
         "dropped_by": _count(reason),
     }
     (out / "_summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    return summary
+    from pipeline.report import select_funnel
+
+    return select_funnel(Path(cfg.output))

@@ -4,7 +4,6 @@ import io
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import make_config

@@ -105,7 +105,7 @@ def test_degenerate_output_is_retried_then_recorded_failed(selected, tiny_blip, 
     for r in rows.values():
         assert r["status"] == "failed" and r["descriptive"] is None and r["short"] is None
         assert r["descriptive_attempts"] == r["short_attempts"] == attempts
-        assert f"descriptive: " in r["reason"] and f"after {attempts} attempts" in r["reason"]
+        assert "descriptive: " in r["reason"] and f"after {attempts} attempts" in r["reason"]
         assert r["descriptive_raw"] is not None  # what the model said is kept for inspection
 
 

@@ -73,3 +73,13 @@ def test_prompt_templates_are_versioned_and_render_hints():
     assert d.render("", use_hint=True) == d.text
     with pytest.raises(FileNotFoundError, match="known: descriptive-v1, short-v1"):
         load_prompt("poetic-v9")
+
+
+def test_every_shipped_prompt_template_loads():
+    from recaption.prompts import PROMPTS
+
+    paths = sorted(PROMPTS.glob("*.yaml"))
+    assert len(paths) >= 2
+    for path in paths:
+        t = load_prompt(str(path))
+        assert path.stem == f"{t.id}-v{t.version}", f"{path.name}: file name must be ID-vVERSION.yaml"

@@ -10,7 +10,6 @@ import sys
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_config, tapir_cmd
@@ -171,14 +170,14 @@ def test_selection_top_fraction_across_shards(scored):
 
 def test_reselect_with_changed_rule_loads_no_model(scored, tmp_path):
     cfg, _, _, _, _ = scored
-    code = f"""
+    code = """
 import json, sys, time
 from pipeline.config import RunConfig
 from pipeline.select import select
 cfg = RunConfig.model_validate(json.loads(sys.argv[1]))
 t = time.perf_counter(); summary = select(cfg); elapsed = time.perf_counter() - t
 heavy = sorted(m for m in ("torch", "open_clip", "onnxruntime", "transformers", "ray") if m in sys.modules)
-print(json.dumps({{"heavy": heavy, "kept": summary["kept"], "seconds": elapsed}}))
+print(json.dumps({"heavy": heavy, "kept": summary["kept"], "seconds": elapsed}))
 """
     import shutil
 
