@@ -82,7 +82,8 @@ def cmd_report(args) -> int:
     funnel, path = report(Path(args.run_dir))
     for stage in funnel.values():
         print(format_stage(stage))
-    print(f"written: {path}" + (f" and {path.parent / 'index.html'}" if "score" in funnel else ""))
+    page = path.parent / "index.html"
+    print(f"written: {path}" + (f" and {page}" if page.exists() else ""))
     return 0 if funnel["download"]["lineage_ok"] else 1
 
 

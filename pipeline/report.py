@@ -124,7 +124,8 @@ def format_stage(f: dict) -> str:
 
 def report(run_dir: Path, visuals: bool = True) -> tuple[dict, Path]:
     """Compute the funnel of every stage ``run_dir`` holds, write report/funnel.json (and,
-    once scores exist, plots, a sample grid and report/index.html); return funnel and path."""
+    once scores or captions exist, plots, sample grids and report/index.html); return
+    the funnel and the JSON's path."""
     run_dir = Path(run_dir)
     funnel = {"download": download_funnel(run_dir)}
     if shards.done_shards(run_dir / "scores"):
@@ -137,7 +138,7 @@ def report(run_dir: Path, visuals: bool = True) -> tuple[dict, Path]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "funnel.json"
     path.write_text(json.dumps(funnel, indent=2))
-    if visuals and "score" in funnel:
+    if visuals and ("score" in funnel or "recaption" in funnel):
         from pipeline.visual import write_visuals
 
         write_visuals(run_dir, funnel, out)

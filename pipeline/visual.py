@@ -174,19 +174,19 @@ def caption_visuals(run_dir: Path, out: Path, n: int = 8) -> list[Path]:
 def write_visuals(run_dir: Path, funnel: dict, out: Path) -> Path:
     from pipeline.report import format_stage
 
-    table = _joined(run_dir)
-    plots = histograms(table, out)
-    grid = sample_grid(table, run_dir / "raw", out) if "keep" in table.column_names else None
     parts = ["<!doctype html><meta charset=utf-8><title>Tapir report</title>",
              "<style>body{font-family:sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em}"
              "img{margin:4px;border:1px solid #ddd}</style>",
              f"<h1>Tapir report: {html.escape(str(run_dir))}</h1><h2>Funnel</h2>"]
     for stage in funnel.values():
         parts.append(f"<pre>{html.escape(format_stage(stage))}</pre>")
-    parts.append("<h2>Score distributions</h2>")
-    parts += [f'<img src="{p.name}" alt="{p.stem}">' for p in plots]
-    if grid:
-        parts.append(f'<h2>Kept and dropped examples</h2><img src="{grid.name}" alt="samples">')
+    if "score" in funnel:
+        table = _joined(run_dir)
+        parts.append("<h2>Score distributions</h2>")
+        parts += [f'<img src="{p.name}" alt="{p.stem}">' for p in histograms(table, out)]
+        if "keep" in table.column_names:
+            grid = sample_grid(table, run_dir / "raw", out)
+            parts.append(f'<h2>Kept and dropped examples</h2><img src="{grid.name}" alt="samples">')
     if "recaption" in funnel:
         hist, captions = caption_visuals(run_dir, out)
         parts.append(f'<h2>Captions</h2><img src="{hist.name}" alt="caption lengths">'

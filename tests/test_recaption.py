@@ -89,6 +89,15 @@ def test_captions_for_kept_rows_with_provenance(selected, tiny_blip, tmp_path):
         else:
             assert r["reason"] and (r["descriptive"] is None or r["short"] is None)
     assert any(r["status"] == "ok" for r in rows.values()), "the tiny model should caption something"
+    # the report: funnel with failure reasons, caption lengths before/after, the caption grid
+    from pipeline.report import report
+
+    full, path = report(cfg.output)
+    assert full["recaption"]["captioned"] == funnel["captioned"]
+    assert sum(full["recaption"]["failed_by_reason"].values()) >= funnel["failed"]
+    for png in ("hist_caption_lengths.png", "captions.png"):
+        assert Image.open(path.parent / png).size[0] > 100
+    assert "captions.png" in (path.parent / "index.html").read_text()
 
 
 def test_degenerate_output_is_retried_then_recorded_failed(selected, tiny_blip, tmp_path):
