@@ -14,21 +14,12 @@ any process, is refused and counted.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing as mp
 import shutil
-import sys
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-# this folder must not be on sys.path: bench/recaption.py would shadow the recaption package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
-_spec = importlib.util.spec_from_file_location("tapir_bench_common", BENCH / "_common.py")
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
-guarded_workdir = _common.guarded_workdir
-violations = _common.violations
+from _common import guarded_workdir, violations  # bench/ is sys.path[0] for a script
 
 
 def _serve(rows: int, seed: int, queue) -> None:

@@ -15,22 +15,12 @@ of a real architecture (default ViT-B-32) are fine for speed. Not a test.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import shutil
-import sys
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-# this folder must not be on sys.path: bench/recaption.py would shadow the recaption package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
-_spec = importlib.util.spec_from_file_location("tapir_bench_common", BENCH / "_common.py")
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
-guarded_workdir = _common.guarded_workdir
-violations = _common.violations
-write_shards = _common.write_shards
+from _common import guarded_workdir, violations, write_shards  # bench/ is sys.path[0] for a script
 
 
 def bench_scorer(items, model, batch) -> float:
