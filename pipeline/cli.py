@@ -44,6 +44,7 @@ STAGES = {  # name: (help, output folder attribute of RunConfig); pipeline.NAME.
     "score": ("score RUN/raw/ (or score.input) into RUN/scores/, then dedup", "scores_dir"),
     "select": ("apply select.rules to RUN/scores/ into RUN/selection/ (no model)", "selection_dir"),
     "recaption": ("caption the kept rows into RUN/captions/ (descriptive and short)", "captions_dir"),
+    "build": ("write training shards with pre-encoded latents/tokens into RUN/shards/", "shards_dir"),
 }
 
 
@@ -87,6 +88,22 @@ def cmd_report(args) -> int:
     return 0 if funnel["download"]["lineage_ok"] else 1
 
 
+def cmd_verify(args) -> int:
+    from pipeline.manifest import verify
+
+    faults, summary = verify(Path(args.shards_dir))
+    for fault in faults[:args.max_faults]:
+        print(f"FAULT {fault}")
+    if len(faults) > args.max_faults:
+        print(f"... and {len(faults) - args.max_faults} more faults")
+    if faults:
+        print(f"{args.shards_dir}: {len(faults)} fault(s)")
+        return 1
+    print(f"{args.shards_dir}: ok, {summary['shards']} shards, {summary['samples']} samples, "
+          f"{summary['bytes'] / 1e6:.1f} MB, encoders {summary['encoders'] or 'none'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import demo
 
@@ -124,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_stage)
 
-    for name in ("score", "select", "recaption"):
+    for name in ("score", "select", "recaption", "build"):
         p = sub.add_parser(name, help=STAGES[name][0])
         p.add_argument("config")
         _common(p)
@@ -138,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print and write the funnel of a run folder")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report, verbose=False)
+
+    p = sub.add_parser("verify", help="check every shard of a shards folder against its manifest")
+    p.add_argument("shards_dir")
+    p.add_argument("--max-faults", type=int, default=50, help="faults printed at most (all are counted)")
+    p.set_defaults(func=cmd_verify, verbose=False)
 
     p = sub.add_parser("demo", help="build a synthetic web, serve it on loopback, run the pipeline on it")
     p.add_argument("--output", default="runs/demo", help="run folder (default runs/demo)")
@@ -164,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (ValueError, FileNotFoundError) as e:
         from filters.rules import RuleError
+        from pipeline.build import BuildError
         from pipeline.inputs import InputError
+        from pipeline.manifest import FingerprintMismatch
 
-        if isinstance(e, (InputError, RuleError, FileNotFoundError)):
+        if isinstance(e, (InputError, RuleError, FileNotFoundError, BuildError, FingerprintMismatch)):
             print(f"tapir: {e}", file=sys.stderr)
             return 2
         raise

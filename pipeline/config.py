@@ -174,6 +174,75 @@ class RecaptionConfig(_Strict):
         return self
 
 
+class AutoencoderConfig(_Strict):
+    model: Optional[str] = Field(None, description="KL autoencoder (diffusers AutoencoderKL): Hugging Face id or "
+                                 "local folder, e.g. stabilityai/sd-vae-ft-mse; null: no latents.")
+    subfolder: Optional[str] = Field(None, description="Subfolder inside the repo, e.g. 'vae' for a pipeline repo.")
+    store: Literal["mean_std", "mean", "sample"] = Field(
+        "mean_std", description="'mean_std': the latent distribution's mean and std (sample at train time); "
+        "'mean': its mean; 'sample': one sample. Stored unscaled; the manifest gives scaling and shift.")
+
+
+class VQConfig(_Strict):
+    model: Optional[str] = Field(None, description="VQ tokenizer (diffusers VQModel): Hugging Face id or local "
+                                 "folder; null: no tokens. Indices are stored in the smallest integer type.")
+    subfolder: Optional[str] = Field(None, description="Subfolder inside the repo, e.g. 'vqvae'.")
+
+
+class TextEncoderConfig(_Strict):
+    model: Optional[str] = Field(None, description="Text encoder for pre-computed embeddings (CLIP text, T5, ...): "
+                                 "Hugging Face id or local folder; null: none.")
+    subfolder: Optional[str] = Field(None, description="Model subfolder, e.g. 'text_encoder'.")
+    tokenizer_subfolder: Optional[str] = Field(None, description="Tokenizer subfolder, e.g. 'tokenizer' "
+                                               "(null: the model's).")
+    caption: Literal["descriptive", "short", "alt_text"] = Field("descriptive", description="Caption kind embedded.")
+    max_length: int = Field(77, gt=0, description="Tokens per caption (padded); the mask is stored beside.")
+
+
+class BuildConfig(_Strict):
+    resolution: int = Field(256, gt=0, description="Training resolution: the square side (crop 'center') or "
+                            "the bucket area's side (crop 'buckets').")
+    crop: Literal["center", "buckets"] = Field(
+        "center", description="'center': resize the short side and centre crop to a square; 'buckets': "
+        "aspect-ratio buckets of about resolution^2 pixels (SDXL, PixArt), the bucket recorded per sample.")
+    buckets: Optional[list[tuple[int, int]]] = Field(
+        None, description="Bucket sizes as [width, height] pairs; null: generated from resolution, "
+        "bucket_step and max_aspect.")
+    bucket_step: int = Field(64, gt=0, description="Bucket sides are multiples of this.")
+    max_aspect: float = Field(2.0, ge=1, description="Most elongated generated bucket (long / short side).")
+    flip: bool = Field(False, description="Also encode the horizontally flipped image (members *_flip.npy).")
+    keep_image: bool = Field(True, description="Store the prepared image in each sample.")
+    image_format: Literal["jpg", "png", "webp"] = Field("jpg", description="Format of the stored image.")
+    image_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality of the stored image.")
+    txt_caption: Literal["short", "descriptive", "alt_text"] = Field(
+        "short", description="Caption written as the sample's 'txt' member (what open_clip_train reads); "
+        "falls back to the other kinds when missing.")
+    samples_per_shard: int = Field(1000, gt=0, description="Most samples per output tar.")
+    max_shard_bytes: int = Field(1_000_000_000, gt=0, description="Target largest tar size, bytes (planned "
+                                 "from the raw image sizes and the exact latent sizes).")
+    batch_size: int = Field(32, gt=0, description="Images per encoder batch.")
+    latent_dtype: Literal["float16", "float32"] = Field("float16", description="Stored latents and embeddings.")
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda'.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Encoder compute: 'auto' is bf16 on "
+                                                       "GPU, fp32 on CPU.")
+    actors: Optional[int] = Field(None, gt=0, description="Encoder actors (null: one per GPU, else one per CPU).")
+    vae: AutoencoderConfig = Field(default_factory=AutoencoderConfig, description="KL autoencoder latents.")
+    vq: VQConfig = Field(default_factory=VQConfig, description="VQ token indices.")
+    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig, description="Text embeddings.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not (self.keep_image or self.vae.model or self.vq.model):
+            raise ValueError("build stores neither images nor latents nor tokens: set build.keep_image, "
+                             "build.vae.model or build.vq.model")
+        if self.flip and not (self.vae.model or self.vq.model):
+            raise ValueError("build.flip needs an encoder (build.vae.model or build.vq.model)")
+        for w, h in self.buckets or []:
+            if w <= 0 or h <= 0:
+                raise ValueError(f"build.buckets: bad bucket {w}x{h}")
+        return self
+
+
 class ResourcesConfig(_Strict):
     ray_address: Optional[str] = Field(None, description="Existing Ray cluster ('auto', 'HOST:PORT'); "
                                        "null starts Ray in-process on this machine.")
@@ -191,6 +260,7 @@ class RunConfig(_Strict):
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="The score stage.")
     select: SelectConfig = Field(default_factory=SelectConfig, description="The select stage.")
     recaption: RecaptionConfig = Field(default_factory=RecaptionConfig, description="The recaption stage.")
+    build: BuildConfig = Field(default_factory=BuildConfig, description="The build stage (training shards).")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray and concurrency.")
 
     @model_validator(mode="after")
@@ -218,6 +288,10 @@ class RunConfig(_Strict):
     @property
     def captions_dir(self) -> Path:
         return Path(self.output) / "captions"
+
+    @property
+    def shards_dir(self) -> Path:
+        return Path(self.output) / "shards"
 
 
 def _format_error(err: ValidationError, source: str) -> str:

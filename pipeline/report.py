@@ -102,12 +102,37 @@ def recaption_funnel(run_dir: Path) -> dict:
             "failed_by_reason": dict(reasons.most_common()), "shards": len(ids)}
 
 
+def build_funnel(run_dir: Path) -> dict:
+    folder = Path(run_dir) / "shards"
+    ids = sorted(shards.done_shards(folder))
+    plan = folder / "_plan.json"
+    if not plan.exists():
+        raise FileNotFoundError(f"no build in {folder}")
+    planned = json.loads(plan.read_text())
+    stats = [shards.read_stats(folder, i) for i in ids]
+    reasons = Counter(r.split(":")[0] for s in stats for r in s["failed"].values())
+    buckets = Counter()
+    for s in stats:
+        buckets.update(s["buckets"])
+    return {"stage": "build", "rows_in": planned["samples"], "written": sum(s["count"] for s in stats),
+            "failed": sum(reasons.values()), "failed_by_reason": dict(reasons.most_common()),
+            "shards": len(ids), "planned_shards": planned["shards"], "bytes": sum(s["bytes"] for s in stats),
+            "buckets": dict(sorted(buckets.items()))}
+
+
 def format_stage(f: dict) -> str:
     if f["stage"] == "download":
         return format_funnel(f)
     if f["stage"] == "recaption":
         lines = [f"recaption: {f['rows_in']} kept rows in -> {f['captioned']} captioned, {f['failed']} failed"]
         lines += [f"    {r:<30}{n:>8}" for r, n in f["failed_by_reason"].items()]
+        return "\n".join(lines)
+    if f["stage"] == "build":
+        lines = [f"build: {f['rows_in']} rows planned -> {f['written']} samples in {f['shards']} of "
+                 f"{f['planned_shards']} shards ({f['bytes'] / 1e6:.1f} MB), {f['failed']} failed"]
+        lines += [f"    {r:<30}{n:>8}" for r, n in f["failed_by_reason"].items()]
+        if len(f["buckets"]) > 1:
+            lines.append("  buckets: " + ", ".join(f"{b} {n}" for b, n in f["buckets"].items()))
         return "\n".join(lines)
     if f["stage"] == "score":
         lines = [f"score: {f['rows_in']} images in -> {f['scored']} scored, {f['failed']} failed"]
@@ -134,6 +159,8 @@ def report(run_dir: Path, visuals: bool = True) -> tuple[dict, Path]:
         funnel["select"] = select_funnel(run_dir)
     if shards.done_shards(run_dir / "captions"):
         funnel["recaption"] = recaption_funnel(run_dir)
+    if (run_dir / "shards" / "_plan.json").exists():
+        funnel["build"] = build_funnel(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "funnel.json"

@@ -18,6 +18,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFilter
@@ -371,3 +372,62 @@ class WebServer:
         with self:
             while not self.stopped.wait(3600):
                 time.sleep(0)
+
+
+CURATED_SIZES = ((96, 96), (128, 72), (72, 128), (120, 90), (80, 160))
+
+
+def write_curated_run(output: str | Path, n: int, per_shard: int = 10, seed: int = 0,
+                      sizes=CURATED_SIZES, faults: bool = True) -> dict[str, str]:
+    """A run folder as download, score, select and recaption leave it (``raw/``, ``scores/``,
+    ``selection/``, ``captions/``), from rendered scenes of varied aspect ratios: the input of
+    the build stage without the cost of the stages before it. Every third row is dropped by
+    selection. With ``faults``, three kept rows are bad: a corrupt image, a missing image and
+    a row with no caption at all. Returns each kept key's intended fate."""
+    import json
+
+    from pipeline import shards
+    from pipeline.recaption import SCHEMA as CAPTIONS
+    from pipeline.select import SCHEMA as SELECTION
+
+    out, rng = Path(output), random.Random(seed)
+    fates: dict[str, str] = {}
+    for sub in ("raw", "scores", "selection", "captions"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    bad = {1: "corrupt", 4: "missing", 7: "no_caption"} if faults else {}
+    for sid in range(-(-n // per_shard)):
+        samples, raw, scores, sel, caps = [], [], [], [], []
+        for i in range(sid * per_shard, min(n, (sid + 1) * per_shard)):
+            key = f"{sid:05d}{i % per_shard:04d}"
+            scene = random_scene(rng)
+            w, h = sizes[i % len(sizes)]
+            body = jpeg(render(scene, w, h, seed=i))
+            keep = i % 3 != 2
+            fate = bad.get(i, "ok") if keep else "dropped"
+            if fate == "corrupt":
+                body = body[: len(body) // 3]
+            alt = "" if fate == "no_caption" else f"photo {i}: {scene.caption().lower()}"
+            if fate != "missing":
+                samples.append((key, {"jpg": body, "txt": alt.encode()}))
+            raw.append({"key": key, "caption": alt, "url": f"http://synthetic.test/{key}.jpg", "status": "success",
+                        "width": w, "height": h, "original_width": w * 2, "original_height": h * 2})
+            scores.append({"key": key, "clip_score": 0.2 + 0.01 * (i % 10), "min_side": min(w, h)})
+            sel.append({"key": key, "keep": keep, "reason": None if keep else "clip_score >= 0.25"})
+            if keep:
+                fates[key] = fate
+                ok = fate != "no_caption"
+                caps.append({"key": key, "alt_text": alt, "status": "ok" if ok else "failed",
+                             "reason": None if ok else "descriptive: empty after 3 attempts",
+                             "descriptive": f"A detailed picture: {scene.caption()}" if ok else None,
+                             "short": scene.caption() if ok else None, "model": "synthetic-truth",
+                             "backend": "synthetic", "prompt_descriptive": "descriptive-v1@1",
+                             "prompt_short": "short-v1@1", "generation": "{}", "created_at": "2026-01-01T00:00:00"})
+        name = shards.shard_name(sid)
+        shards.write_tar(out / "raw" / f"{name}.tar", samples)
+        for sub, rows, schema in (("raw", raw, None), ("scores", scores, None), ("selection", sel, SELECTION),
+                                  ("captions", caps, CAPTIONS)):
+            table = pa.Table.from_pylist(rows, schema=schema) if schema is not None else pa.Table.from_pylist(rows)
+            shards.write_parquet(out / sub / f"{name}.parquet", table)
+            stats = {"count": len(rows), "successes": len(rows), "kept": sum(r.get("keep", True) for r in rows)}
+            (out / sub / f"{name}_stats.json").write_text(json.dumps(stats))
+    return fates

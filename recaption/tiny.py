@@ -25,22 +25,29 @@ def world_vocabulary() -> list[str]:
     return sorted(words)
 
 
-def save_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32) -> str:
-    """Write a tiny BLIP model + processor to ``folder``; return the path to load it by."""
-    import torch
+def world_tokenizer():
+    """A word-level fast tokenizer over the synthetic world's vocabulary (BERT-style specials)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
-                              PreTrainedTokenizerFast)
+    from transformers import PreTrainedTokenizerFast
 
-    folder = Path(folder)
     vocab = {tok: i for i, tok in enumerate(SPECIAL + world_vocabulary())}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
     core.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                        bos_token="[DEC]", model_input_names=["input_ids", "attention_mask"])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   bos_token="[DEC]", model_input_names=["input_ids", "attention_mask"])
+
+
+def save_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32) -> str:
+    """Write a tiny BLIP model + processor to ``folder``; return the path to load it by."""
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder = Path(folder)
+    tokenizer = world_tokenizer()
+    vocab = tokenizer.get_vocab()
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
                               tokenizer=tokenizer)
     config = BlipConfig(

@@ -1,0 +1,402 @@
+"""The build stage: kept rows -> shards/NNNNN.tar, training shards with pre-encoded latents.
+
+``tapir build`` joins the downloaded images (``raw/``, or ``score.input``) with
+``selection/`` (only kept rows), ``captions/`` (optional) and ``scores/`` on the key,
+and writes WebDataset tars, each sample holding (members named after the first dot of
+the key):
+
+- ``jpg`` (or png/webp): the image resized and centre-cropped to the training size or
+  to its aspect-ratio bucket (``build.keep_image``);
+- ``latent_mean.npy`` + ``latent_std.npy`` (or ``latent.npy``): the KL autoencoder's
+  unscaled latent distribution, ``tokens.npy``: VQ indices, ``*_flip.npy``: the same
+  for the horizontally flipped image, ``text_emb.npy`` + ``text_mask.npy``: a text
+  encoder's hidden states for one caption kind;
+- ``txt`` (the caption open_clip_train reads), ``alt.txt``, ``short.txt``,
+  ``descriptive.txt``; ``json``: size, bucket, scores and provenance.
+
+No member is a pickle. Output shards hold ``build.samples_per_shard`` samples at most
+and are cut earlier when the planned bytes would pass ``build.max_shard_bytes``. The
+plan (which key goes to which shard) is computed from the inputs and the config and
+stored in ``shards/_plan.parquet``; each shard is built by an encoder actor, written
+aside and committed by rename, so a killed build resumes with byte-identical shards.
+``shards/manifest.json`` records the encoders' fingerprints, the scaling factors and a
+checksum per shard (``pipeline.manifest``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import shards
+from pipeline.config import BuildConfig, RunConfig
+
+log = logging.getLogger(__name__)
+
+CAPTION_KINDS = ("alt_text", "short", "descriptive")
+CAPTION_MEMBERS = {"alt_text": "alt.txt", "short": "short.txt", "descriptive": "descriptive.txt"}
+PLAN = "_plan.parquet"
+PLAN_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.int32()), ("shard", pa.int32()),
+                         ("width", pa.int32()), ("height", pa.int32()), ("est_bytes", pa.int64())])
+TEXT_OVERHEAD = 3072  # planned bytes per sample for captions, json and tar headers
+
+
+class BuildError(ValueError):
+    """The shards folder cannot be built into as asked (mixed plans or encoders)."""
+
+
+def make_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets of at most resolution^2 pixels, sides multiples of ``step``
+    (the SDXL / NovelAI recipe): for each width, the tallest height that fits the area."""
+    area, found = resolution * resolution, {(resolution // step * step,) * 2}
+    for w in range(step, int(resolution * max_aspect) + 1, step):
+        h = area // w // step * step
+        if h >= step and max(w / h, h / w) <= max_aspect + 1e-9:
+            found.add((w, h))
+    return sorted(found, key=lambda b: (b[0] / b[1], b[0]))
+
+
+def target_sizes(b: BuildConfig) -> list[tuple[int, int]]:
+    if b.crop == "center":
+        return [(b.resolution, b.resolution)]
+    return [tuple(x) for x in b.buckets] if b.buckets else make_buckets(b.resolution, b.bucket_step, b.max_aspect)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket closest in log aspect ratio (ties: the larger one)."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def encoder_infos(b: BuildConfig) -> dict:
+    """Channels, factors and codebook sizes read from the encoders' configs (no weights)."""
+    from pipeline.encoders import autoencoder_info, text_encoder_info
+
+    info = {}
+    if b.vae.model:
+        info["kl"] = autoencoder_info("kl", b.vae.model, b.vae.subfolder)
+    if b.vq.model:
+        info["vq"] = autoencoder_info("vq", b.vq.model, b.vq.subfolder)
+    if b.text.model:
+        info["text"] = text_encoder_info(b.text.model, b.text.subfolder)
+    return info
+
+
+def sample_bytes(b: BuildConfig, infos: dict, size: tuple[int, int], image_bytes: int) -> int:
+    """Planned bytes of one sample: the image as downloaded, exact array sizes, text overhead."""
+    from pipeline.encoders import smallest_uint
+
+    w, h = size
+    item = np.dtype(b.latent_dtype).itemsize
+    arrays = 0
+    if "kl" in infos:
+        f, c = infos["kl"]["factor"], infos["kl"]["channels"]
+        arrays += (2 if b.vae.store == "mean_std" else 1) * c * (h // f) * (w // f) * item
+    if "vq" in infos:
+        f = infos["vq"]["factor"]
+        arrays += (h // f) * (w // f) * smallest_uint(infos["vq"]["codebook_size"]).itemsize
+    arrays *= 2 if b.flip else 1
+    if "text" in infos:
+        arrays += b.text.max_length * (infos["text"]["dim"] * item + 1)
+    return arrays + (image_bytes if b.keep_image else 0) + TEXT_OVERHEAD
+
+
+def _member_sizes(tar_path: Path) -> dict[str, int]:
+    """Image bytes per key from the tar headers alone."""
+    sizes: dict[str, int] = {}
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            key, _, ext = m.name.rsplit("/", 1)[-1].partition(".")
+            if ext in ("jpg", "jpeg", "png", "webp"):
+                sizes[key] = m.size
+    return sizes
+
+
+def make_plan(cfg: RunConfig, infos: dict) -> pa.Table:
+    """Which kept row goes to which output shard, in (source shard, key) order; a new shard
+    starts at ``samples_per_shard`` samples or when the planned bytes would pass the cap."""
+    b, sizes_allowed = cfg.build, target_sizes(cfg.build)
+    rows = {name: [] for name in PLAN_SCHEMA.names}
+    shard, count, nbytes = 0, 0, 0
+    for source in sorted(shards.done_shards(cfg.selection_dir)):
+        name = shards.shard_name(source)
+        sel = pq.read_table(cfg.selection_dir / f"{name}.parquet", columns=["key", "keep"])
+        keep = sorted(sel.filter(pc.equal(sel["keep"], True))["key"].to_pylist())
+        if not keep:
+            continue
+        meta = pq.read_table(cfg.score_input / f"{name}.parquet", columns=["key", "width", "height"])
+        dims = dict(zip(meta["key"].to_pylist(), zip(meta["width"].to_pylist(), meta["height"].to_pylist())))
+        image_sizes = _member_sizes(cfg.score_input / f"{name}.tar")
+        for key in keep:
+            w, h = dims.get(key, (None, None))
+            size = nearest_bucket(w, h, sizes_allowed) if w and h else sizes_allowed[0]
+            est = sample_bytes(b, infos, size, image_sizes.get(key, 0))
+            if count and (count >= b.samples_per_shard or nbytes + est > b.max_shard_bytes):
+                shard, count, nbytes = shard + 1, 0, 0
+            for col, v in zip(PLAN_SCHEMA.names, (key, source, shard, size[0], size[1], est)):
+                rows[col].append(v)
+            count, nbytes = count + 1, nbytes + est
+    return pa.table(rows, schema=PLAN_SCHEMA)
+
+
+def plan_digest(plan: pa.Table, b: BuildConfig) -> str:
+    """Hash of the plan and every build setting that changes shard bytes."""
+    h = hashlib.sha256(json.dumps(b.model_dump(exclude={"actors"}), sort_keys=True).encode())
+    for col in plan.columns:
+        h.update(json.dumps(col.to_pylist()).encode())
+    return h.hexdigest()
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _scalar_columns(table: pa.Table) -> list[str]:
+    return [f.name for f in table.schema if f.name != "key" and (
+        pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type)
+        or pa.types.is_string(f.type))]
+
+
+def _rows_by_key(path: Path, columns: list[str] | None = None) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    table = pq.read_table(path)
+    keep = ["key"] + (columns if columns is not None else _scalar_columns(table))
+    return {r["key"]: r for r in table.select([c for c in keep if c in table.column_names]).to_pylist()}
+
+
+@dataclass
+class BuildShard:
+    """Builds one output shard; a plain class (no Ray), run on an encoder actor pool."""
+
+    config: dict
+    expect: dict | None = None  # encoder fingerprints of shards already committed
+
+    def setup(self) -> None:
+        from pipeline.encoders import Encoders
+
+        self.cfg = RunConfig.model_validate(self.config)
+        b = self.cfg.build
+        self.encoders = Encoders(
+            vae=b.vae.model, vae_subfolder=b.vae.subfolder, vae_store=b.vae.store, vq=b.vq.model,
+            vq_subfolder=b.vq.subfolder, text=b.text.model, text_subfolder=b.text.subfolder,
+            tokenizer_subfolder=b.text.tokenizer_subfolder, text_max_length=b.text.max_length,
+            latent_dtype=b.latent_dtype, device=b.device, precision=b.precision)
+        self.encoders.setup()
+
+    def _load_rows(self, plan: list[dict]) -> list[dict]:
+        """Join each planned key with its image bytes, metadata, selection, captions and scores."""
+        cfg, rows = self.cfg, []
+        for source in sorted({p["source"] for p in plan}):
+            name = shards.shard_name(source)
+            wanted = {p["key"] for p in plan if p["source"] == source}
+            members = {k: v for k, v in shards.read_tar(cfg.score_input / f"{name}.tar").items() if k in wanted}
+            meta = _rows_by_key(cfg.score_input / f"{name}.parquet",
+                                ["url", "caption", "width", "height", "original_width", "original_height"])
+            caps = _rows_by_key(cfg.captions_dir / f"{name}.parquet",
+                                ["descriptive", "short", "status", "reason", "model", "prompt_descriptive",
+                                 "prompt_short"])
+            scores = _rows_by_key(cfg.scores_dir / f"{name}.parquet")
+            for p in plan:
+                if p["source"] != source:
+                    continue
+                key = p["key"]
+                image = next((members.get(key, {}).get(e) for e in ("jpg", "jpeg", "png", "webp")
+                              if e in members.get(key, {})), None)
+                rows.append({**p, "image": image, "meta": meta.get(key, {}), "captions": caps.get(key),
+                             "scores": scores.get(key, {})})
+        order = {p["key"]: i for i, p in enumerate(plan)}
+        return sorted(rows, key=lambda r: order[r["key"]])
+
+    def _captions(self, row: dict) -> dict[str, str]:
+        caps = row["captions"] or {}
+        ok = caps.get("status") == "ok"
+        return {"alt_text": (row["meta"].get("caption") or "").strip(),
+                "short": (caps.get("short") or "").strip() if ok else "",
+                "descriptive": (caps.get("descriptive") or "").strip() if ok else ""}
+
+    def _prepare(self, row: dict):
+        """(uint8 H x W x 3 array at the planned size, None) or (None, reason)."""
+        from PIL import Image, ImageOps
+
+        if row["image"] is None:
+            return None, "image missing from the raw tar"
+        try:
+            with Image.open(io.BytesIO(row["image"])) as im:
+                im = im.convert("RGB")
+                fitted = ImageOps.fit(im, (row["width"], row["height"]), method=Image.Resampling.BICUBIC)
+        except Exception as e:  # a corrupt image is the row's reason, not the shard's failure
+            return None, f"decode error: {type(e).__name__}: {e}"
+        return np.asarray(fitted), None
+
+    def _encode_image(self, array: np.ndarray) -> bytes:
+        from PIL import Image
+
+        b, buf = self.cfg.build, io.BytesIO()
+        fmt = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[b.image_format]
+        kwargs = {"quality": b.image_quality} if fmt != "PNG" else {}
+        Image.fromarray(array).save(buf, format=fmt, **kwargs)
+        return buf.getvalue()
+
+    def __call__(self, shard_id: int) -> dict:
+        import torch
+
+        from pipeline.manifest import FingerprintMismatch
+
+        start, b = time.time(), self.cfg.build
+        for kind, info in (self.expect or {}).items():
+            mine = self.encoders.info.get(kind, {}).get("fingerprint")
+            if mine != info["fingerprint"]:
+                raise FingerprintMismatch(
+                    f"{self.cfg.shards_dir} holds shards encoded by {kind} {info['model']} (fingerprint "
+                    f"{info['fingerprint'][:12]}), this build's {kind} encoder has fingerprint "
+                    f"{(mine or 'none')[:12]}; remove the folder to rebuild with the new encoder")
+        table = pq.read_table(self.cfg.shards_dir / PLAN, filters=[("shard", "=", shard_id)])
+        rows = self._load_rows(table.to_pylist())
+        failed: dict[str, str] = {}
+        texts: dict[str, dict[str, str]] = {}
+        for row in rows:
+            texts[row["key"]] = self._captions(row)
+            if not any(texts[row["key"]].values()):
+                failed[row["key"]] = "no caption (alt-text empty, no synthetic caption)"
+        todo = [r for r in rows if r["key"] not in failed]
+        groups: dict[tuple[int, int], list[dict]] = {}
+        for row in todo:
+            groups.setdefault((row["width"], row["height"]), []).append(row)
+        batches = [g[i:i + b.batch_size] for g in groups.values() for i in range(0, len(g), b.batch_size)]
+        arrays: dict[str, dict[str, np.ndarray]] = {}
+        images: dict[str, bytes] = {}
+        generator = torch.Generator().manual_seed(shard_id)  # store 'sample': the same draw on a rerun
+        with ThreadPoolExecutor(max_workers=2) as pool:  # decode the next batch while this one encodes
+            prepared = pool.submit(lambda: [self._prepare(r) for r in batches[0]]) if batches else None
+            for n, batch in enumerate(batches):
+                results = prepared.result()
+                if n + 1 < len(batches):
+                    prepared = pool.submit(lambda nb=batches[n + 1]: [self._prepare(r) for r in nb])
+                good = []
+                for row, (arr, err) in zip(batch, results):
+                    if err:
+                        failed[row["key"]] = err
+                    else:
+                        good.append((row, arr))
+                if not good:
+                    continue
+                stack = np.stack([a for _, a in good])
+                outs = self.encoders.encode_images(stack, generator=generator)
+                if b.flip:
+                    outs.update(self.encoders.encode_images(np.ascontiguousarray(stack[:, :, ::-1]), "_flip",
+                                                            generator))
+                if b.text.model:
+                    outs.update(self.encoders.encode_texts([texts[r["key"]][b.text.caption] or
+                                                            texts[r["key"]]["alt_text"] for r, _ in good]))
+                for i, (row, arr) in enumerate(good):
+                    arrays[row["key"]] = {m: v[i] for m, v in outs.items()}
+                    if b.keep_image:
+                        images[row["key"]] = self._encode_image(arr)
+        samples, buckets = [], {}
+        for row in rows:
+            key = row["key"]
+            if key in failed:
+                continue
+            caps = texts[key]
+            txt = next(caps[k] for k in (b.txt_caption, "short", "descriptive", "alt_text") if caps[k])
+            c = row["captions"] or {}
+            record = {"key": key, "url": row["meta"].get("url"), "source_shard": row["source"],
+                      "size": [row["width"], row["height"]],
+                      "original_size": [row["meta"].get("original_width"), row["meta"].get("original_height")],
+                      "flip": b.flip, "txt": b.txt_caption if caps[b.txt_caption] else "fallback",
+                      "captions": {"status": c.get("status"), "model": c.get("model"),
+                                   "prompt_descriptive": c.get("prompt_descriptive"),
+                                   "prompt_short": c.get("prompt_short")} if c else None,
+                      "scores": {k: v for k, v in row["scores"].items() if k != "key"}}
+            members = {"txt": txt.encode(), "json": json.dumps(record, sort_keys=True, default=str).encode()}
+            members.update({CAPTION_MEMBERS[k]: caps[k].encode() for k in CAPTION_KINDS})
+            if b.keep_image:
+                members[b.image_format] = images[key]
+            members.update({m: _npy(v) for m, v in arrays[key].items()})
+            samples.append((key, members))
+            bucket = f"{row['width']}x{row['height']}"
+            buckets[bucket] = buckets.get(bucket, 0) + 1
+        name = shards.shard_name(shard_id)
+        staging = shards.new_staging(self.cfg.shards_dir, shard_id)
+        shards.write_tar(staging / f"{name}.tar", samples)
+        data = (staging / f"{name}.tar").read_bytes()
+        stats = {"count": len(samples), "planned": len(rows), "failed": failed, "bytes": len(data),
+                 "sha256": hashlib.sha256(data).hexdigest(), "buckets": buckets,
+                 "members": sorted({m for _, ms in samples for m in ms}), "encoders": self.encoders.info,
+                 "duration": time.time() - start}
+        shards.commit(staging, self.cfg.shards_dir, shard_id, [f"{name}.tar"], stats)
+        return stats
+
+
+def _write_plan(out: Path, plan: pa.Table, digest: str) -> None:
+    """Store the plan; refuse to mix shards of another plan (changed inputs or config)."""
+    record = out / "_plan.json"
+    if record.exists():
+        old = json.loads(record.read_text())
+        if old["digest"] != digest and shards.done_shards(out):
+            raise BuildError(f"{out} holds shards built from other inputs or build settings "
+                             f"(plan {old['digest'][:12]}, now {digest[:12]}); remove it to rebuild")
+    tmp = out / f"{PLAN}.tmp"
+    pq.write_table(plan, tmp)
+    tmp.replace(out / PLAN)
+    record.write_text(json.dumps({"digest": digest, "shards": _planned(plan), "samples": plan.num_rows}))
+
+
+def _planned(plan: pa.Table) -> int:
+    return int(pc.max(plan["shard"]).as_py()) + 1 if plan.num_rows else 0
+
+
+def build(cfg: RunConfig) -> dict:
+    """Run the build stage over every selected row; write the manifest; return the funnel."""
+    from pipeline import manifest, ray_backend
+    from pipeline.report import build_funnel
+
+    ray_backend.quiet_env()
+    if not shards.done_shards(cfg.selection_dir):
+        raise FileNotFoundError(f"no selection in {cfg.selection_dir}; run `tapir select` first")
+    out = cfg.shards_dir
+    out.mkdir(parents=True, exist_ok=True)
+    shards.clear_staging(out)
+    infos = encoder_infos(cfg.build)
+    plan = make_plan(cfg, infos)
+    _write_plan(out, plan, plan_digest(plan, cfg.build))
+    todo = sorted(set(range(_planned(plan))) - shards.done_shards(out))
+    done = sorted(shards.done_shards(out))
+    expect = shards.read_stats(out, done[0])["encoders"] if done else None
+    counts = dict(zip(*np.unique(plan["shard"].to_numpy(), return_counts=True))) if plan.num_rows else {}
+    failures = {}
+    if todo:
+        ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
+        gpus = cfg.resources.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if infos and ray_backend.cluster_gpus() >= 1 else 0.0
+        actors = cfg.build.actors or (int(ray_backend.cluster_gpus() / gpus) if gpus else
+                                      max(1, int(ray_backend.cluster_cpus() / cfg.resources.cpus_per_actor)))
+        for sid, result, _ in ray_backend.run_actor_pool(
+                BuildShard(cfg.model_dump(), expect), todo, desc="build", actors=actors,
+                num_cpus=cfg.resources.cpus_per_actor, num_gpus=gpus, weight=lambda s: int(counts[s]), unit="img"):
+            if isinstance(result, Exception):
+                failures[sid] = result
+                log.error("building shard %s failed: %s (rerun to retry it)", sid, result)
+    manifest.write(out, cfg.build, _planned(plan))
+    shards.clear_staging(out)
+    funnel = build_funnel(Path(cfg.output))
+    if failures:
+        funnel["failed_shards"] = {str(k): str(v)[:500] for k, v in failures.items()}
+    return funnel

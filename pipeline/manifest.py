@@ -1,0 +1,231 @@
+"""``shards/manifest.json``: what a set of training shards holds and what encoded it, and
+``tapir verify``, which checks every shard against it.
+
+The manifest records the encoders (id, subfolder, class, config and weights hashes, a
+fingerprint, scaling and shift factors, latent channels, downsampling factor, stored
+dtype), the image settings (resolution or buckets, flip), the members every sample has,
+sample and byte counts, and one entry per shard with its sample count, size and sha256.
+Trainers call :func:`check_encoder` and refuse shards whose fingerprint is not their
+autoencoder's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import shards
+
+FORMAT = "tapir-shards/1"
+NAME = "manifest.json"
+
+
+class FingerprintMismatch(ValueError):
+    """Shards were encoded by another model than the one a run uses."""
+
+
+def _version() -> str:
+    try:
+        return version("tapir")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def write(folder: Path, build, planned: int) -> dict:
+    """Gather the committed shards' records into ``manifest.json`` (written aside, renamed)."""
+    from pipeline.build import target_sizes
+
+    folder = Path(folder)
+    done = sorted(shards.done_shards(folder))
+    stats = {sid: shards.read_stats(folder, sid) for sid in done}
+    encoders: dict = {}
+    for sid, s in stats.items():
+        for kind, info in s["encoders"].items():
+            seen = encoders.setdefault(kind, {**info, "first_shard": sid})
+            if seen["fingerprint"] != info["fingerprint"]:
+                raise FingerprintMismatch(
+                    f"shard {shards.shard_name(sid)} was encoded by {kind} {info['model']} (fingerprint "
+                    f"{info['fingerprint'][:12]}) but shard {shards.shard_name(seen['first_shard'])} by "
+                    f"{seen['model']} ({seen['fingerprint'][:12]}); remove {folder} and rebuild")
+    for info in encoders.values():
+        info.pop("first_shard")
+    buckets: dict[str, int] = {}
+    failed: dict[str, int] = {}
+    for s in stats.values():
+        for b, n in s["buckets"].items():
+            buckets[b] = buckets.get(b, 0) + n
+        for reason in s["failed"].values():
+            r = reason.split(":")[0]
+            failed[r] = failed.get(r, 0) + 1
+    members = sorted({m for s in stats.values() for m in s["members"]})
+    combined = hashlib.sha256(json.dumps({k: v["fingerprint"] for k, v in sorted(encoders.items())},
+                                         sort_keys=True).encode()).hexdigest()
+    data = {
+        "format": FORMAT, "tapir_version": _version(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": combined, "encoders": encoders,
+        "image": {"resolution": build.resolution, "crop": build.crop,
+                  "buckets": [list(b) for b in target_sizes(build)], "flip": build.flip,
+                  "keep_image": build.keep_image, "format": build.image_format if build.keep_image else None},
+        "captions": {"txt": build.txt_caption, "text_embedding": build.text.caption if build.text.model else None},
+        "members": members, "samples": sum(s["count"] for s in stats.values()),
+        "bytes": sum(s["bytes"] for s in stats.values()), "failed": failed, "buckets": buckets,
+        "planned_shards": planned, "complete": len(done) == planned,
+        "shards": [{"name": f"{shards.shard_name(sid)}.tar", "samples": s["count"], "bytes": s["bytes"],
+                    "sha256": s["sha256"]} for sid, s in stats.items()],
+    }
+    tmp = folder / f"{NAME}.tmp"
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(folder / NAME)
+    return data
+
+
+def load(folder: Path) -> dict:
+    path = Path(folder) / NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a tapir shards folder (run `tapir build`)")
+    data = json.loads(path.read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown format {data.get('format')!r} (expected {FORMAT})")
+    return data
+
+
+def check_encoder(folder: Path, kind: str, model, name: str = "") -> dict:
+    """Raise FingerprintMismatch unless ``model`` (a loaded AutoencoderKL for kind 'kl', VQModel
+    for 'vq') is the one that encoded the shards in ``folder``; return the encoder's record."""
+    from pipeline.encoders import fingerprint
+
+    data = load(folder)
+    recorded = data["encoders"].get(kind)
+    if recorded is None:
+        raise FingerprintMismatch(f"shards in {folder} hold no {kind} encodings (encoders: "
+                                  f"{sorted(data['encoders']) or 'none'})")
+    mine = fingerprint(model)
+    if mine["fingerprint"] != recorded["fingerprint"]:
+        raise FingerprintMismatch(
+            f"shards in {folder} were encoded with {recorded['class']} {recorded['model']} (fingerprint "
+            f"{recorded['fingerprint'][:12]}), but this run's {mine['class']} {name or ''} has fingerprint "
+            f"{mine['fingerprint'][:12]}; train with the autoencoder that built the shards or rebuild them")
+    return recorded
+
+
+def _expected_shape(member: str, size: list[int], data: dict) -> tuple[tuple, str] | None:
+    """(shape, dtype) an array member must have, from the sample's size and the manifest."""
+    w, h = size
+    enc = data["encoders"]
+    base = member.removesuffix(".npy").removesuffix("_flip")
+    if base in ("latent", "latent_mean", "latent_std") and "kl" in enc:
+        f = enc["kl"]["factor"]
+        return (enc["kl"]["channels"], h // f, w // f), enc["kl"]["dtype"]
+    if base == "tokens" and "vq" in enc:
+        f = enc["vq"]["factor"]
+        return (h // f, w // f), enc["vq"]["dtype"]
+    if base == "text_emb" and "text" in enc:
+        return (enc["text"]["max_length"], enc["text"]["dim"]), enc["text"]["dtype"]
+    if base == "text_mask" and "text" in enc:
+        return (enc["text"]["max_length"],), "uint8"
+    return None
+
+
+def _check_sample(key: str, members: dict[str, bytes], data: dict) -> list[str]:
+    from PIL import Image
+
+    faults = []
+    want = set(data["members"])
+    if set(members) != want:
+        missing, extra = sorted(want - set(members)), sorted(set(members) - want)
+        faults.append(f"sample {key}: " + ", ".join(([f"missing {missing}"] if missing else []) +
+                                                   ([f"unexpected {extra}"] if extra else [])))
+    try:
+        record = json.loads(members["json"])
+        size = record["size"]
+    except Exception as e:
+        return faults + [f"sample {key}: unreadable json record ({type(e).__name__}: {e})"]
+    for member, raw in members.items():
+        try:
+            if member.endswith(".npy"):
+                arr = np.load(io.BytesIO(raw), allow_pickle=False)
+                expected = _expected_shape(member, size, data)
+                if expected and (arr.shape != expected[0] or arr.dtype.name != expected[1]):
+                    faults.append(f"sample {key}: {member} is {arr.dtype.name}{list(arr.shape)}, "
+                                  f"expected {expected[1]}{list(expected[0])}")
+                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                    faults.append(f"sample {key}: {member} holds NaN or infinity")
+            elif member in ("jpg", "png", "webp"):
+                with Image.open(io.BytesIO(raw)) as im:
+                    im.load()
+                    if list(im.size) != list(size):
+                        faults.append(f"sample {key}: image is {im.size[0]}x{im.size[1]}, record says "
+                                      f"{size[0]}x{size[1]}")
+            elif member.endswith("txt"):
+                raw.decode("utf-8")
+        except Exception as e:
+            faults.append(f"sample {key}: {member} does not decode ({type(e).__name__}: {e})")
+    return faults
+
+
+def verify_shard(path: Path, entry: dict, data: dict) -> list[str]:
+    """Faults of one tar: size, checksum, tar structure, member names, counts, array shapes."""
+    name, faults = path.name, []
+    if not path.exists():
+        return [f"{name}: missing"]
+    raw = path.read_bytes()
+    if len(raw) != entry["bytes"]:
+        faults.append(f"{name}: {len(raw)} bytes, manifest says {entry['bytes']}")
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != entry["sha256"]:
+        faults.append(f"{name}: sha256 {digest[:12]}..., manifest says {entry['sha256'][:12]}...")
+    samples: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    faults.append(f"{name}: {m.name} is not a regular file")
+                    continue
+                key, _, ext = m.name.partition(".")
+                if "/" in m.name or not ext:
+                    faults.append(f"{name}: bad member name {m.name!r}")
+                    continue
+                if key not in samples:
+                    order.append(key)
+                elif ext in samples[key]:
+                    faults.append(f"{name}: member {m.name} appears twice")
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        faults.append(f"{name}: unreadable tar ({type(e).__name__}: {e}); truncated or corrupt")
+    if len(order) != entry["samples"]:
+        faults.append(f"{name}: {len(order)} samples, manifest says {entry['samples']}")
+    for key in order:
+        faults += [f"{name}: {f}" for f in _check_sample(key, samples[key], data)]
+    return faults
+
+
+def verify(folder: Path, progress: bool = True) -> tuple[list[str], dict]:
+    """Every fault found in a shards folder, and a summary."""
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    try:
+        data = load(folder)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+        return [f"manifest: {e}"], {}
+    faults = []
+    if not data["complete"]:
+        faults.append(f"manifest: build incomplete, {len(data['shards'])} of {data['planned_shards']} shards "
+                      "committed (rerun `tapir build`)")
+    listed = {e["name"] for e in data["shards"]}
+    for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
+        faults.append(f"{extra}: not in the manifest")
+    for entry in tqdm(data["shards"], desc="verify", unit="shard", disable=not progress):
+        faults += verify_shard(folder / entry["name"], entry, data)
+    summary = {"shards": len(data["shards"]), "samples": data["samples"], "bytes": data["bytes"],
+               "encoders": {k: v["fingerprint"][:12] for k, v in data["encoders"].items()}}
+    return faults, summary
