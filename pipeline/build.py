@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import math
+import os
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -231,26 +232,25 @@ class BuildShard:
                 "descriptive": (caps.get("descriptive") or "").strip() if ok else ""}
 
     def _prepare(self, row: dict):
-        """(uint8 H x W x 3 array at the planned size, None) or (None, reason)."""
+        """(uint8 H x W x 3 array at the planned size, stored image bytes or None, None),
+        or (None, None, reason)."""
         from PIL import Image, ImageOps
 
         if row["image"] is None:
-            return None, "image missing from the raw tar"
+            return None, None, "image missing from the raw tar"
         try:
             with Image.open(io.BytesIO(row["image"])) as im:
                 im = im.convert("RGB")
                 fitted = ImageOps.fit(im, (row["width"], row["height"]), method=Image.Resampling.BICUBIC)
         except Exception as e:  # a corrupt image is the row's reason, not the shard's failure
-            return None, f"decode error: {type(e).__name__}: {e}"
-        return np.asarray(fitted), None
+            return None, None, f"decode error: {type(e).__name__}: {e}"
+        return np.asarray(fitted), self._encode_image(fitted) if self.cfg.build.keep_image else None, None
 
-    def _encode_image(self, array: np.ndarray) -> bytes:
-        from PIL import Image
-
+    def _encode_image(self, image) -> bytes:
         b, buf = self.cfg.build, io.BytesIO()
         fmt = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[b.image_format]
         kwargs = {"quality": b.image_quality} if fmt != "PNG" else {}
-        Image.fromarray(array).save(buf, format=fmt, **kwargs)
+        image.save(buf, format=fmt, **kwargs)
         return buf.getvalue()
 
     def __call__(self, shard_id: int) -> dict:
@@ -282,18 +282,21 @@ class BuildShard:
         arrays: dict[str, dict[str, np.ndarray]] = {}
         images: dict[str, bytes] = {}
         generator = torch.Generator().manual_seed(shard_id)  # store 'sample': the same draw on a rerun
-        with ThreadPoolExecutor(max_workers=2) as pool:  # decode the next batch while this one encodes
-            prepared = pool.submit(lambda: [self._prepare(r) for r in batches[0]]) if batches else None
+        # decode and resize the next batch on a thread pool (PIL releases the GIL) while this one encodes
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            prepared = [pool.submit(self._prepare, r) for r in batches[0]] if batches else []
             for n, batch in enumerate(batches):
-                results = prepared.result()
+                results = [f.result() for f in prepared]
                 if n + 1 < len(batches):
-                    prepared = pool.submit(lambda nb=batches[n + 1]: [self._prepare(r) for r in nb])
+                    prepared = [pool.submit(self._prepare, r) for r in batches[n + 1]]
                 good = []
-                for row, (arr, err) in zip(batch, results):
+                for row, (arr, data, err) in zip(batch, results):
                     if err:
                         failed[row["key"]] = err
                     else:
                         good.append((row, arr))
+                        if data is not None:
+                            images[row["key"]] = data
                 if not good:
                     continue
                 stack = np.stack([a for _, a in good])
@@ -304,10 +307,8 @@ class BuildShard:
                 if b.text.model:
                     outs.update(self.encoders.encode_texts([texts[r["key"]][b.text.caption] or
                                                             texts[r["key"]]["alt_text"] for r, _ in good]))
-                for i, (row, arr) in enumerate(good):
+                for i, (row, _) in enumerate(good):
                     arrays[row["key"]] = {m: v[i] for m, v in outs.items()}
-                    if b.keep_image:
-                        images[row["key"]] = self._encode_image(arr)
         samples, buckets = [], {}
         for row in rows:
             key = row["key"]

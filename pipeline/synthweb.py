@@ -378,11 +378,11 @@ CURATED_SIZES = ((96, 96), (128, 72), (72, 128), (120, 90), (80, 160))
 
 
 def write_curated_run(output: str | Path, n: int, per_shard: int = 10, seed: int = 0,
-                      sizes=CURATED_SIZES, faults: bool = True) -> dict[str, str]:
+                      sizes=CURATED_SIZES, faults: bool = True, drop_every: int | None = 3) -> dict[str, str]:
     """A run folder as download, score, select and recaption leave it (``raw/``, ``scores/``,
     ``selection/``, ``captions/``), from rendered scenes of varied aspect ratios: the input of
-    the build stage without the cost of the stages before it. Every third row is dropped by
-    selection. With ``faults``, three kept rows are bad: a corrupt image, a missing image and
+    the build stage without the cost of the stages before it. Every ``drop_every``-th row is
+    dropped by selection. With ``faults``, three kept rows are bad: a corrupt image, a missing image and
     a row with no caption at all. Returns each kept key's intended fate."""
     import json
 
@@ -402,7 +402,7 @@ def write_curated_run(output: str | Path, n: int, per_shard: int = 10, seed: int
             scene = random_scene(rng)
             w, h = sizes[i % len(sizes)]
             body = jpeg(render(scene, w, h, seed=i))
-            keep = i % 3 != 2
+            keep = not drop_every or i % drop_every != drop_every - 1
             fate = bad.get(i, "ok") if keep else "dropped"
             if fate == "corrupt":
                 body = body[: len(body) // 3]
