@@ -52,7 +52,9 @@ CAPTION_MEMBERS = {"alt_text": "alt.txt", "short": "short.txt", "descriptive": "
 PLAN = "_plan.parquet"
 PLAN_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.int32()), ("shard", pa.int32()),
                          ("width", pa.int32()), ("height", pa.int32()), ("est_bytes", pa.int64())])
-TEXT_OVERHEAD = 3072  # planned bytes per sample for captions, json and tar headers
+NPY_HEADER = 128  # bytes before the data in a .npy member
+TEXT_MEMBERS, TEXT_BYTES = 5, 500  # txt, alt.txt, short.txt, descriptive.txt, json: planned size each
+TAR_END = 10240  # end-of-archive blocks, padded to tarfile's record size
 
 
 class BuildError(ValueError):
@@ -96,23 +98,30 @@ def encoder_infos(b: BuildConfig) -> dict:
     return info
 
 
+def _in_tar(n: int) -> int:
+    """Bytes a member of n bytes takes in a tar: a 512-byte header, data padded to 512."""
+    return 512 + -(-n // 512) * 512
+
+
 def sample_bytes(b: BuildConfig, infos: dict, size: tuple[int, int], image_bytes: int) -> int:
-    """Planned bytes of one sample: the image as downloaded, exact array sizes, text overhead."""
+    """Planned bytes of one sample in a tar: the image as downloaded, exact array sizes, and
+    the text members (4 captions and the json record) at one block each, headers included."""
     from pipeline.encoders import smallest_uint
 
     w, h = size
     item = np.dtype(b.latent_dtype).itemsize
-    arrays = 0
+    arrays = []
     if "kl" in infos:
         f, c = infos["kl"]["factor"], infos["kl"]["channels"]
-        arrays += (2 if b.vae.store == "mean_std" else 1) * c * (h // f) * (w // f) * item
+        arrays += [c * (h // f) * (w // f) * item] * (2 if b.vae.store == "mean_std" else 1)
     if "vq" in infos:
         f = infos["vq"]["factor"]
-        arrays += (h // f) * (w // f) * smallest_uint(infos["vq"]["codebook_size"]).itemsize
+        arrays.append((h // f) * (w // f) * smallest_uint(infos["vq"]["codebook_size"]).itemsize)
     arrays *= 2 if b.flip else 1
     if "text" in infos:
-        arrays += b.text.max_length * (infos["text"]["dim"] * item + 1)
-    return arrays + (image_bytes if b.keep_image else 0) + TEXT_OVERHEAD
+        arrays += [b.text.max_length * infos["text"]["dim"] * item, b.text.max_length]
+    total = sum(_in_tar(NPY_HEADER + n) for n in arrays) + TEXT_MEMBERS * _in_tar(TEXT_BYTES)
+    return total + (_in_tar(image_bytes) if b.keep_image else 0)
 
 
 def _member_sizes(tar_path: Path) -> dict[str, int]:
@@ -145,7 +154,7 @@ def make_plan(cfg: RunConfig, infos: dict) -> pa.Table:
             w, h = dims.get(key, (None, None))
             size = nearest_bucket(w, h, sizes_allowed) if w and h else sizes_allowed[0]
             est = sample_bytes(b, infos, size, image_sizes.get(key, 0))
-            if count and (count >= b.samples_per_shard or nbytes + est > b.max_shard_bytes):
+            if count and (count >= b.samples_per_shard or nbytes + est + TAR_END > b.max_shard_bytes):
                 shard, count, nbytes = shard + 1, 0, 0
             for col, v in zip(PLAN_SCHEMA.names, (key, source, shard, size[0], size[1], est)):
                 rows[col].append(v)

@@ -199,6 +199,9 @@ def verify_shard(path: Path, entry: dict, data: dict) -> list[str]:
                 elif ext in samples[key]:
                     faults.append(f"{name}: member {m.name} appears twice")
                 samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+            end = tar.offset  # a complete tar ends with two zero blocks after its last member
+            if raw[end:end + 1024] != bytes(1024):
+                faults.append(f"{name}: truncated, the tar ends at byte {len(raw)} without its end-of-archive blocks")
     except (tarfile.TarError, EOFError, OSError) as e:
         faults.append(f"{name}: unreadable tar ({type(e).__name__}: {e}); truncated or corrupt")
     if len(order) != entry["samples"]:

@@ -173,13 +173,19 @@ def run_tasks(
                 try:
                     node, result = ray.get(ref)
                 except Exception as err:  # a failed task is data, reported to the caller
-                    node, result = None, err
+                    node, result = None, _cause(err)
                 bar.update(weight(item))
                 yield item, result, node
     finally:
         bar.close()
         for ref in pending:
             ray.cancel(ref, force=True)
+
+
+def _cause(err: Exception) -> Exception:
+    """The stage's own exception inside Ray's task error (its message, not Ray's traceback)."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, Exception) else err
 
 
 def cluster_gpus() -> float:
@@ -242,7 +248,7 @@ def run_actor_pool(
                 try:
                     node, result = ray.get(ref)
                 except Exception as err:  # a failed item is data, reported to the caller
-                    node, result = None, err
+                    node, result = None, _cause(err)
                 bar.update(weight(item))
                 yield item, result, node
     finally:

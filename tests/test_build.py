@@ -1,0 +1,348 @@
+"""The build stage: shards with pre-encoded latents, tokens and text embeddings; the manifest;
+`tapir verify`; readers outside Tapir (webdataset, Hugging Face datasets, open_clip_train)."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+from conftest import tapir_cmd
+from PIL import Image, ImageOps
+
+from pipeline import shards
+from pipeline.build import BuildError, build, make_buckets, nearest_bucket
+from pipeline.config import ConfigError, load_config
+from pipeline.encoders import save_tiny_kl, save_tiny_text_encoder, save_tiny_vq
+from pipeline.manifest import FingerprintMismatch, check_encoder, verify
+from pipeline.synthweb import write_curated_run
+
+N_ROWS = 30  # 20 kept rows, 3 of them bad (corrupt image, missing image, no caption)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"kl": save_tiny_kl(root / "kl"), "vq": save_tiny_vq(root / "vq"),
+            "text": save_tiny_text_encoder(root / "text"), "kl_other": save_tiny_kl(root / "kl-other", seed=1)}
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curated") / "run"
+    fates = write_curated_run(root, N_ROWS, per_shard=10)
+    return root, fates
+
+
+def _config(run: Path, *sets):
+    return load_config(None, [f"output={run}", "input.path=unused", "build.resolution=64",
+                              "build.samples_per_shard=6", "build.batch_size=4", "resources.num_cpus=2", *sets])
+
+
+def _copy_run(curated, dest: Path) -> Path:
+    shutil.copytree(curated[0], dest, ignore=shutil.ignore_patterns("shards"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def built(curated, models, tmp_path_factory, local_ray):
+    """One build with every encoder: KL (mean and std, float32), VQ and T5 text embeddings."""
+    run = _copy_run(curated, tmp_path_factory.mktemp("built") / "run")
+    cfg = _config(run, f"build.vae.model={models['kl']}", f"build.vq.model={models['vq']}",
+                  f"build.text.model={models['text']}", "build.latent_dtype=float32")
+    funnel = build(cfg)
+    return cfg, funnel
+
+
+def _samples(folder: Path) -> dict[str, dict[str, bytes]]:
+    out = {}
+    for tar in sorted(folder.glob("*.tar")):
+        out.update(shards.read_tar(tar))
+    return out
+
+
+def test_build_writes_every_kept_row_or_its_reason(built, curated):
+    cfg, funnel = built
+    fates = curated[1]
+    good = {k for k, f in fates.items() if f == "ok"}
+    samples = _samples(cfg.shards_dir)
+    assert set(samples) == good
+    assert funnel["written"] == len(good) and funnel["rows_in"] == len(fates)
+    assert funnel["failed_by_reason"] == {"decode error": 1, "image missing from the raw tar": 1,
+                                          "no caption (alt-text empty, no synthetic caption)": 1}
+    failed = {}
+    for sid in shards.done_shards(cfg.shards_dir):
+        failed.update(shards.read_stats(cfg.shards_dir, sid)["failed"])
+    assert {fates[k] for k in failed} == {"corrupt", "missing", "no_caption"}
+    manifest = json.loads((cfg.shards_dir / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["samples"] == len(good)
+    # planned 6, 6, 6, 2 by samples_per_shard; the three bad rows were all planned into shard 0
+    assert [s["samples"] for s in manifest["shards"]] == [3, 6, 6, 2]
+    assert manifest["encoders"]["kl"]["scaling_factor"] == 0.5 and manifest["encoders"]["kl"]["shift_factor"] == 0.1
+    assert manifest["encoders"]["vq"]["dtype"] == "uint8"  # 256 codes fit a byte
+    for member in ("jpg", "txt", "alt.txt", "short.txt", "descriptive.txt", "json", "latent_mean.npy",
+                   "latent_std.npy", "tokens.npy", "text_emb.npy", "text_mask.npy"):
+        assert member in manifest["members"]
+    assert not any(name.endswith((".pyd", ".pickle", ".pkl", ".pth")) for s in samples.values() for name in s)
+    record = json.loads(samples[sorted(good)[0]]["json"])
+    assert record["size"] == [64, 64] and record["scores"]["clip_score"] > 0
+    assert record["captions"]["model"] == "synthetic-truth"
+
+
+def test_stored_latents_and_tokens_match_direct_encoding(built, models):
+    from diffusers import AutoencoderKL, VQModel
+
+    cfg, _ = built
+    vae = AutoencoderKL.from_pretrained(models["kl"]).eval()
+    vq = VQModel.from_pretrained(models["vq"]).eval()
+    samples = _samples(cfg.shards_dir)
+    key = sorted(samples)[0]
+    s = samples[key]
+    image = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+    assert image.shape == (64, 64, 3)
+    # the stored JPEG is lossy: re-create the exact pixels the encoder saw from the raw image
+    raw = shards.read_tar(cfg.raw_dir / f"{key[:5]}.tar")[key]["jpg"]
+    pixels = np.array(ImageOps.fit(Image.open(io.BytesIO(raw)).convert("RGB"), (64, 64),
+                                   method=Image.Resampling.BICUBIC))
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        h = vq.encode(x).latents
+        tokens = vq.quantize(h)[2][2].reshape(1, h.shape[2], h.shape[3])
+    mean = np.load(io.BytesIO(s["latent_mean.npy"]), allow_pickle=False)
+    std = np.load(io.BytesIO(s["latent_std.npy"]), allow_pickle=False)
+    assert mean.shape == (4, 16, 16) and mean.dtype == np.float32
+    np.testing.assert_allclose(mean, dist.mean[0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(std, dist.std[0].numpy(), rtol=1e-4, atol=1e-5)
+    stored_tokens = np.load(io.BytesIO(s["tokens.npy"]), allow_pickle=False)
+    assert stored_tokens.dtype == np.uint8 and stored_tokens.shape == (16, 16)
+    assert (stored_tokens == tokens[0].numpy()).mean() > 0.99  # argmin ties aside, the same codes
+    with torch.no_grad():  # and the stored latent decodes to what the direct latent decodes to
+        from_store = vae.decode(torch.from_numpy(mean)[None]).sample
+        direct = vae.decode(dist.mean).sample
+    torch.testing.assert_close(from_store, direct, rtol=1e-4, atol=1e-4)
+    emb = np.load(io.BytesIO(s["text_emb.npy"]), allow_pickle=False)
+    mask = np.load(io.BytesIO(s["text_mask.npy"]), allow_pickle=False)
+    assert emb.shape == (77, 32) and mask.dtype == np.uint8 and 3 < mask.sum() < 77
+
+
+def test_fingerprint_mismatch_is_refused(built, models, tmp_path):
+    from diffusers import AutoencoderKL
+
+    cfg, _ = built
+    same = AutoencoderKL.from_pretrained(models["kl"])
+    assert check_encoder(cfg.shards_dir, "kl", same)["model"] == models["kl"]
+    other = AutoencoderKL.from_pretrained(models["kl_other"])
+    with pytest.raises(FingerprintMismatch) as err:
+        check_encoder(cfg.shards_dir, "kl", other, name=models["kl_other"])
+    recorded = json.loads((cfg.shards_dir / "manifest.json").read_text())["encoders"]["kl"]["fingerprint"]
+    from pipeline.encoders import fingerprint
+    assert recorded[:12] in str(err.value) and fingerprint(other)["fingerprint"][:12] in str(err.value)
+
+
+def test_resuming_with_other_weights_at_the_same_path_is_refused(curated, models, tmp_path, local_ray):
+    run = _copy_run(curated, tmp_path / "run")
+    path = tmp_path / "vae"
+    shutil.copytree(models["kl"], path)
+    cfg = _config(run, f"build.vae.model={path}", "build.keep_image=false")
+    build(cfg)
+    for sid in (1, 2, 3):  # as if killed after the first shard
+        shards.stats_path(cfg.shards_dir, sid).unlink()
+        (cfg.shards_dir / f"0000{sid}.tar").unlink()
+    shutil.rmtree(path)
+    shutil.copytree(models["kl_other"], path)  # same path, other weights
+    funnel = build(cfg)
+    assert set(funnel["failed_shards"]) == {"1", "2", "3"}
+    assert "fingerprint" in funnel["failed_shards"]["1"]
+    assert shards.done_shards(cfg.shards_dir) == {0}  # nothing mixed in
+    other = _config(run, f"build.vae.model={models['kl_other']}", "build.keep_image=false")
+    with pytest.raises(BuildError, match="other inputs or build settings"):
+        build(other)
+
+
+def _tamper(folder: Path, how: str) -> None:
+    tar = folder / "00001.tar"
+    data = bytearray(tar.read_bytes())
+    if how == "truncated":
+        tar.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "flipped byte":
+        data[len(data) // 3] ^= 0x40
+        tar.write_bytes(bytes(data))
+    else:  # a removed member: rewrite the tar without one sample's latent
+        samples = shards.read_tar(tar)
+        first = sorted(samples)[0]
+        del samples[first]["latent_mean.npy"]
+        shards.write_tar(tar, sorted(samples.items()))
+
+
+@pytest.mark.parametrize("how,expected", [
+    ("truncated", "truncated"), ("flipped byte", "sha256"), ("removed member", "missing ['latent_mean.npy']")])
+def test_verify_finds_damage(built, tmp_path, how, expected):
+    cfg, _ = built
+    folder = tmp_path / "shards"
+    shutil.copytree(cfg.shards_dir, folder)
+    clean = subprocess.run(tapir_cmd("verify", folder), capture_output=True, text=True, timeout=120)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "ok, 4 shards" in clean.stdout
+    _tamper(folder, how)
+    proc = subprocess.run(tapir_cmd("verify", folder), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    faults = [l for l in proc.stdout.splitlines() if l.startswith("FAULT")]
+    assert faults and all("00001.tar" in f for f in faults), proc.stdout
+    assert any(expected in f for f in faults), proc.stdout
+
+
+def test_verify_reports_a_missing_manifest_and_foreign_tars(built, tmp_path):
+    cfg, _ = built
+    folder = tmp_path / "shards"
+    shutil.copytree(cfg.shards_dir, folder)
+    shutil.copy(folder / "00000.tar", folder / "00099.tar")
+    faults, _ = verify(folder, progress=False)
+    assert faults == ["00099.tar: not in the manifest"]
+    (folder / "manifest.json").unlink()
+    faults, _ = verify(folder, progress=False)
+    assert len(faults) == 1 and "manifest.json not found" in faults[0]
+
+
+def test_buckets_and_flipped_variants(curated, models, tmp_path, local_ray):
+    from diffusers import AutoencoderKL
+
+    run = _copy_run(curated, tmp_path / "run")
+    cfg = _config(run, f"build.vae.model={models['kl']}", "build.crop=buckets", "build.bucket_step=16",
+                  "build.flip=true", "build.vae.store=mean", "build.samples_per_shard=50")
+    funnel = build(cfg)
+    buckets = make_buckets(64, 16, 2.0)
+    assert (64, 64) in buckets and all(w * h <= 64 * 64 and w % 16 == 0 and h % 16 == 0 for w, h in buckets)
+    assert len(funnel["buckets"]) >= 3  # square, wide and tall images went to different buckets
+    vae = AutoencoderKL.from_pretrained(models["kl"]).eval()
+    samples = _samples(cfg.shards_dir)
+    raw = {}
+    for sid in range(3):
+        raw.update(shards.read_tar(run / "raw" / f"{sid:05d}.tar"))
+    for key, s in samples.items():
+        record = json.loads(s["json"])
+        w, h = record["size"]
+        original = Image.open(io.BytesIO(raw[key]["jpg"])).convert("RGB")
+        assert (w, h) == nearest_bucket(*original.size, buckets)
+        assert Image.open(io.BytesIO(s["jpg"])).size == (w, h)
+        latent = np.load(io.BytesIO(s["latent.npy"]))
+        flipped = np.load(io.BytesIO(s["latent_flip.npy"]))
+        assert latent.shape == flipped.shape == (4, h // 4, w // 4) and latent.dtype == np.float16
+    key = next(k for k, s in samples.items() if json.loads(s["json"])["size"][0] != json.loads(s["json"])["size"][1])
+    w, h = json.loads(samples[key]["json"])["size"]
+    pixels = np.asarray(ImageOps.fit(Image.open(io.BytesIO(raw[key]["jpg"])).convert("RGB"), (w, h),
+                                     method=Image.Resampling.BICUBIC))[:, ::-1]
+    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean[0].numpy()
+    np.testing.assert_allclose(np.load(io.BytesIO(samples[key]["latent_flip.npy"])).astype(np.float32), mean,
+                               rtol=2e-3, atol=2e-3)  # stored as float16
+    faults, _ = verify(cfg.shards_dir, progress=False)
+    assert faults == []
+
+
+def test_shards_are_cut_by_bytes(curated, tmp_path, local_ray):
+    run = _copy_run(curated, tmp_path / "run")
+    cfg = _config(run, "build.samples_per_shard=1000", "build.max_shard_bytes=40000")
+    build(cfg)
+    manifest = json.loads((cfg.shards_dir / "manifest.json").read_text())
+    assert len(manifest["shards"]) >= 5
+    # a plan from the raw image sizes, not a promise: the re-encoded image can differ a little
+    assert all(s["bytes"] <= 40000 * 1.1 for s in manifest["shards"]), manifest["shards"]
+    plan = pq.read_table(cfg.shards_dir / "_plan.parquet").to_pandas()
+    assert plan.groupby("shard")["est_bytes"].sum().max() <= 40000 - 10240  # room for the end blocks
+    assert plan.groupby("shard").size().max() > 1
+
+
+def test_kill_then_resume_gives_identical_shards(curated, models, built, tmp_path):
+    run = _copy_run(curated, tmp_path / "run")
+    cfg_file = tmp_path / "build.yaml"
+    cfg_file.write_text(json.dumps({
+        "output": str(run), "input": {"path": "unused"}, "resources": {"num_cpus": 2},
+        "build": {"resolution": 64, "samples_per_shard": 6, "batch_size": 4, "latent_dtype": "float32",
+                  "vae": {"model": models["kl"]}, "vq": {"model": models["vq"]}, "text": {"model": models["text"]}},
+    }))
+    proc = subprocess.Popen(tapir_cmd("build", cfg_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    out = run / "shards"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out.exists() and shards.done_shards(out)):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 1 <= len(shards.done_shards(out)) < 4, shards.done_shards(out)
+    resumed = subprocess.run(tapir_cmd("build", cfg_file), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref = built[0].shards_dir
+    for sid in range(4):
+        name = f"{sid:05d}.tar"
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert not (out / "_staging").exists()
+
+
+def test_plain_webdataset_reads_the_shards(built):
+    cfg, _ = built
+    urls = [str(p) for p in sorted(cfg.shards_dir.glob("*.tar"))]
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode("rgb8")
+    samples = list(dataset)
+    assert len(samples) == 17
+    s = samples[0]
+    assert s["jpg"].shape == (64, 64, 3) and isinstance(s["txt"], str)
+    assert s["latent_mean.npy"].shape == (4, 16, 16) and s["tokens.npy"].dtype == np.uint8
+    assert s["json"]["size"] == [64, 64]
+
+
+def test_hugging_face_datasets_reads_the_shards(built, tmp_path):
+    from datasets import load_dataset
+
+    cfg, _ = built
+    files = [str(p) for p in sorted(cfg.shards_dir.glob("*.tar"))]
+    ds = load_dataset("webdataset", data_files={"train": files}, split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == 17
+    row = ds[0]
+    assert row["jpg"].size == (64, 64) and row["txt"]
+    assert np.asarray(row["latent_mean.npy"]).shape == (4, 16, 16)
+    assert np.asarray(row["tokens.npy"]).shape == (16, 16)
+
+
+def test_open_clip_train_trains_on_the_image_caption_shards(curated, tmp_path, local_ray):
+    run = _copy_run(curated, tmp_path / "run")
+    cfg = _config(run, "build.samples_per_shard=8")
+    build(cfg)  # the image-and-caption variant: no encoders
+    manifest = json.loads((cfg.shards_dir / "manifest.json").read_text())
+    assert manifest["encoders"] == {} and manifest["samples"] == 17
+    model = tmp_path / "clip"
+    model.mkdir()
+    (model / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}}))
+    shard_list = "::".join(str(p) for p in sorted(cfg.shards_dir.glob("*.tar")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "open_clip_train.main", "--model", f"local-dir:{model}", "--train-data", shard_list,
+         "--dataset-type", "webdataset", "--train-num-samples", "16", "--batch-size", "4", "--epochs", "2",
+         "--device", "cpu", "--precision", "fp32", "--workers", "1", "--zeroshot-frequency", "0",
+         "--report-to", "", "--logs", str(tmp_path / "logs"), "--name", "tapir", "--save-frequency", "1",
+         "--log-every-n-steps", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "logs" / "tapir" / "out.log").read_text()
+    assert "Train Epoch: 1" in log  # the second epoch: the loader went through every shard's end
+    assert (tmp_path / "logs" / "tapir" / "checkpoints" / "epoch_2.pt").exists()
+
+
+def test_build_config_is_checked_before_work(tmp_path):
+    with pytest.raises(ConfigError, match="neither images nor latents"):
+        _config(tmp_path, "build.keep_image=false")
+    with pytest.raises(ConfigError, match="flip needs an encoder"):
+        _config(tmp_path, "build.flip=true")
+    with pytest.raises(ConfigError, match="build.crop"):
+        _config(tmp_path, "build.crop=squash")
