@@ -14,7 +14,9 @@ log = logging.getLogger(__name__)
 def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: list[str] = ()) -> int:
     from filters.clip import save_local_clip
     from pipeline import ray_backend
+    from pipeline.build import build
     from pipeline.download import download
+    from pipeline.encoders import save_tiny_kl, save_tiny_vq
     from pipeline.report import format_stage, report
     from pipeline.recaption import recaption
     from pipeline.score import score
@@ -36,14 +38,18 @@ def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: l
         # locally and loaded through the same loader as a pretrained model
         clip = save_local_clip(output / "models" / "tiny-clip")
         captioner = save_tiny_blip(output / "models" / "tiny-blip")  # likewise a tiny captioner
+        vae = save_tiny_kl(output / "models" / "tiny-kl")  # and a tiny KL autoencoder and VQ tokenizer
+        vq = save_tiny_vq(output / "models" / "tiny-vq")
         cfg = load_config(config, [f"output={output}", f"input.path={urls}", f"score.clip.model={clip}",
-                                   "score.clip.pretrained=null", f"recaption.model={captioner}", *overrides])
+                                   "score.clip.pretrained=null", f"recaption.model={captioner}",
+                                   f"build.vae.model={vae}", f"build.vq.model={vq}", *overrides])
         check_rules(cfg)
         try:
             download(cfg)
             score(cfg)
             select(cfg)
             recaption(cfg)
+            build(cfg)
         finally:
             ray_backend.shutdown()
     funnel, path = report(output)
@@ -57,6 +63,8 @@ def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: l
     print(f"  scores:     {cfg.scores_dir}  (NNNNN.parquet, _dedup.parquet)")
     print(f"  selection:  {cfg.selection_dir}  (key, keep, reason)")
     print(f"  captions:   {cfg.captions_dir}  (descriptive, short, provenance)")
+    print(f"  shards:     {cfg.shards_dir}  (NNNNN.tar with latents and tokens, manifest.json; "
+          f"check with `tapir verify {cfg.shards_dir}`)")
     print(f"  funnel:     {path}")
     print(f"  report:     {path.parent / 'index.html'}  (histograms, kept/dropped grid)")
     return 0 if funnel["download"]["lineage_ok"] else 1

@@ -149,3 +149,10 @@ def test_demo(tmp_path):
     assert 0 < select["kept"] < select["rows_in"] and score["duplicates_by_kind"].get("exact", 0) >= 1
     assert (tmp_path / "demo" / "report" / "index.html").exists()
     assert "raw shards:" in proc.stdout and "select:" in proc.stdout
+    build = funnel["build"]
+    assert build["rows_in"] == select["kept"] and build["written"] == build["rows_in"] - build["failed"] > 0
+    manifest = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
+    assert set(manifest["encoders"]) == {"kl", "vq"} and manifest["complete"]
+    assert "latent_mean.npy" in manifest["members"] and "tokens.npy" in manifest["members"]
+    verified = _run(["verify", tmp_path / "demo" / "shards"])
+    assert verified.returncode == 0 and "ok," in verified.stdout, verified.stdout + verified.stderr
