@@ -60,6 +60,7 @@ def bench_bare(run: Path, vae_path: str, resolution: int, batch: int, device: st
                 arrays.append(np.asarray(ImageOps.fit(im.convert("RGB"), (resolution, resolution))))
     batches = [np.stack(arrays[i:i + batch]) for i in range(0, len(arrays), batch)]  # pre-decoded
     vae = AutoencoderKL.from_pretrained(vae_path).eval().to(device)
+    torch.backends.cudnn.benchmark = True  # as the build stage sets it on GPUs
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
     def run_all(items):
@@ -99,10 +100,16 @@ def bench_tapir(run: Path, vae_path: str, resolution: int, per_shard: int, batch
             stage(sid)
         write(cfg.shards_dir, cfg.build, _planned(plan))
         funnel = {"written": sum(shards.read_stats(cfg.shards_dir, s)["count"]
-                                 for s in shards.done_shards(cfg.shards_dir))}
+                                 for s in shards.done_shards(cfg.shards_dir)), "setup": stage.setup_seconds}
     else:
         funnel = build(cfg)
     elapsed = time.perf_counter() - start
+    timing: dict = {}  # where the shard workers spent their time, summed over shards
+    for sid in shards.done_shards(cfg.shards_dir):
+        for k, v in shards.read_stats(cfg.shards_dir, sid)["timing"].items():
+            timing[k] = timing.get(k, 0) + v
+    funnel["timing"] = {k: round(v, 2) for k, v in timing.items()}
+    funnel["elapsed"] = round(elapsed, 2)
     return funnel["written"] / elapsed, funnel
 
 
@@ -135,11 +142,14 @@ def main() -> None:
     figures = {"arch": args.arch, "resolution": args.resolution, "images": args.images, "batch": args.batch,
                "device": device, "inprocess": args.inprocess, "bare_img_s": round(bare, 2),
                "tapir_img_s": round(tapir, 2), "ratio": round(tapir / bare, 3), "written": funnel["written"],
-               "guard_refusals": violations(work)}
+               "elapsed_s": funnel["elapsed"], "shard_timing_s": funnel["timing"],
+               "setup_s": round(funnel.get("setup", 0), 2), "guard_refusals": violations(work)}
     print(f"{args.arch} VAE, {args.images} images at {side}px, batch {args.batch}, {device}:")
     print(f"  (a) bare AutoencoderKL forward, pre-decoded:  {bare:8.2f} img/s")
     print(f"  (b) tapir build end to end{' (in-process)' if args.inprocess else ''}:       {tapir:8.2f} img/s")
     print(f"  ratio b/a: {tapir / bare:.3f}  (goal >= 0.85); guard refusals: {figures['guard_refusals']}")
+    print(f"  (b) took {funnel['elapsed']:.1f} s; shard workers' time, summed: {funnel['timing']}"
+          + (f", model setup {funnel['setup']:.1f} s" if "setup" in funnel else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     shutil.rmtree(work, ignore_errors=True)

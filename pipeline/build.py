@@ -200,6 +200,8 @@ class BuildShard:
     def setup(self) -> None:
         from pipeline.encoders import Encoders
 
+        start = time.time()
+
         self.cfg = RunConfig.model_validate(self.config)
         b = self.cfg.build
         self.encoders = Encoders(
@@ -208,6 +210,7 @@ class BuildShard:
             tokenizer_subfolder=b.text.tokenizer_subfolder, text_max_length=b.text.max_length,
             latent_dtype=b.latent_dtype, device=b.device, precision=b.precision)
         self.encoders.setup()
+        self.setup_seconds = time.time() - start
 
     def _load_rows(self, plan: list[dict]) -> list[dict]:
         """Join each planned key with its image bytes, metadata, selection, captions and scores."""
@@ -277,6 +280,7 @@ class BuildShard:
                     f"{(mine or 'none')[:12]}; remove the folder to rebuild with the new encoder")
         table = pq.read_table(self.cfg.shards_dir / PLAN, filters=[("shard", "=", shard_id)])
         rows = self._load_rows(table.to_pylist())
+        timing = {"read": time.time() - start, "wait_images": 0.0, "encode": 0.0}
         failed: dict[str, str] = {}
         texts: dict[str, dict[str, str]] = {}
         for row in rows:
@@ -295,7 +299,9 @@ class BuildShard:
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             prepared = [pool.submit(self._prepare, r) for r in batches[0]] if batches else []
             for n, batch in enumerate(batches):
+                t0 = time.time()
                 results = [f.result() for f in prepared]
+                timing["wait_images"] += time.time() - t0
                 if n + 1 < len(batches):
                     prepared = [pool.submit(self._prepare, r) for r in batches[n + 1]]
                 good = []
@@ -308,6 +314,7 @@ class BuildShard:
                             images[row["key"]] = data
                 if not good:
                     continue
+                t0 = time.time()
                 stack = np.stack([a for _, a in good])
                 outs = self.encoders.encode_images(stack, generator=generator)
                 if b.flip:
@@ -316,8 +323,10 @@ class BuildShard:
                 if b.text.model:
                     outs.update(self.encoders.encode_texts([texts[r["key"]][b.text.caption] or
                                                             texts[r["key"]]["alt_text"] for r, _ in good]))
+                timing["encode"] += time.time() - t0
                 for i, (row, _) in enumerate(good):
                     arrays[row["key"]] = {m: v[i] for m, v in outs.items()}
+        t0 = time.time()
         samples, buckets = [], {}
         for row in rows:
             key = row["key"]
@@ -349,7 +358,7 @@ class BuildShard:
         stats = {"count": len(samples), "planned": len(rows), "failed": failed, "bytes": len(data),
                  "sha256": hashlib.sha256(data).hexdigest(), "buckets": buckets,
                  "members": sorted({m for _, ms in samples for m in ms}), "encoders": self.encoders.info,
-                 "duration": time.time() - start}
+                 "duration": time.time() - start, "timing": {**timing, "write": time.time() - t0}}
         shards.commit(staging, self.cfg.shards_dir, shard_id, [f"{name}.tar"], stats)
         return stats
 

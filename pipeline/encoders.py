@@ -113,6 +113,8 @@ class Encoders:
             self.precision = "bf16" if self.device.startswith("cuda") else "fp32"
         self.autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
                                        enabled=self.precision == "bf16")
+        if self.device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True  # few distinct shapes (one per bucket): tune once
         if self.vae:
             m = AutoencoderKL.from_pretrained(self.vae, **_kwargs(self.vae_subfolder)).eval()
             cfg = m.config

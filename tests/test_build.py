@@ -250,10 +250,16 @@ def test_buckets_and_flipped_variants(curated, models, tmp_path, local_ray):
     assert faults == []
 
 
-def test_shards_are_cut_by_bytes(curated, tmp_path, local_ray):
+def test_shards_are_cut_by_bytes_and_captions_are_optional(curated, tmp_path, local_ray):
     run = _copy_run(curated, tmp_path / "run")
+    shutil.rmtree(run / "captions")  # built straight after select: alt-texts only
     cfg = _config(run, "build.samples_per_shard=1000", "build.max_shard_bytes=40000")
-    build(cfg)
+    funnel = build(cfg)
+    assert funnel["written"] == 17 and funnel["failed_by_reason"] == {  # the no-caption row has no alt-text
+        "decode error": 1, "image missing from the raw tar": 1, "no caption (alt-text empty, no synthetic caption)": 1}
+    for s in _samples(cfg.shards_dir).values():
+        assert s["txt"] == s["alt.txt"] != b"" and s["short.txt"] == s["descriptive.txt"] == b""
+        assert json.loads(s["json"])["txt"] == "fallback"
     manifest = json.loads((cfg.shards_dir / "manifest.json").read_text())
     assert len(manifest["shards"]) >= 5
     # a plan from the raw image sizes, not a promise: the re-encoded image can differ a little

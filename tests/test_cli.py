@@ -3,9 +3,11 @@
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,7 +102,8 @@ def test_two_node_ray_cluster(url_list, tmp_path):
     env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
                RAY_USAGE_STATS_ENABLED="0", RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/")
     ray = str(Path(sys.executable).parent / "ray")
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    temp = tempfile.mkdtemp(prefix="tapir-ray-", dir="/tmp")  # short: Ray's socket paths must fit
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--temp-dir", temp]
     try:
         subprocess.run([ray, "start", "--head", "--port", str(port), "--include-dashboard", "false", *common],
                        env=env, check=True, capture_output=True, timeout=120)
@@ -115,7 +118,22 @@ def test_two_node_ray_cluster(url_list, tmp_path):
         funnel = json.loads(_run(["report", out]).stdout and (out / "report" / "funnel.json").read_text())
         assert funnel["download"]["lineage_ok"]
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp)  # not `ray stop`: it would kill every Ray on the machine, the test session's too
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Kill the processes of the cluster whose temp dir is ``temp_dir``, and their children."""
+    import psutil
+
+    own = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    family = own + [c for p in own for c in p.children(recursive=True)]
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
 
 
 def test_bad_config_fails_before_work(tmp_path):
