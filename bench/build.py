@@ -77,7 +77,7 @@ def bench_bare(run: Path, vae_path: str, resolution: int, batch: int, device: st
 
 
 def bench_tapir(run: Path, vae_path: str, resolution: int, per_shard: int, batch: int, device: str,
-                inprocess: bool, num_cpus: int | None) -> tuple[float, dict]:
+                inprocess: bool, num_cpus: int | None, threads: int | None = None) -> tuple[float, dict]:
     from pipeline import shards
     from pipeline.build import BuildShard, _planned, _write_plan, build, encoder_infos, make_plan, plan_digest
     from pipeline.config import load_config
@@ -88,6 +88,8 @@ def bench_tapir(run: Path, vae_path: str, resolution: int, per_shard: int, batch
             f"build.samples_per_shard={per_shard}", f"build.batch_size={batch}", f"build.device={device}"]
     if num_cpus:
         sets.append(f"resources.num_cpus={num_cpus}")
+    if threads:
+        sets.append(f"build.decode_threads={threads}")
     cfg = load_config(None, sets)
     start = time.perf_counter()
     if inprocess:  # the stage without Ray: plan, one worker, manifest
@@ -123,6 +125,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--inprocess", action="store_true", help="run the stage without Ray")
     parser.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all)")
+    parser.add_argument("--decode-threads", default="", help="comma list: run (b) once per thread count")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
@@ -137,19 +140,25 @@ def main() -> None:
                       drop_every=None)
     vae = save_vae(work / "vae", args.arch)
     bare = bench_bare(run, vae, args.resolution, args.batch, device)
-    tapir, funnel = bench_tapir(run, vae, args.resolution, args.per_shard, args.batch, device, args.inprocess,
-                                args.num_cpus)
-    figures = {"arch": args.arch, "resolution": args.resolution, "images": args.images, "batch": args.batch,
-               "device": device, "inprocess": args.inprocess, "bare_img_s": round(bare, 2),
-               "tapir_img_s": round(tapir, 2), "ratio": round(tapir / bare, 3), "written": funnel["written"],
-               "elapsed_s": funnel["elapsed"], "shard_timing_s": funnel["timing"],
-               "setup_s": round(funnel.get("setup", 0), 2), "guard_refusals": violations(work)}
     print(f"{args.arch} VAE, {args.images} images at {side}px, batch {args.batch}, {device}:")
     print(f"  (a) bare AutoencoderKL forward, pre-decoded:  {bare:8.2f} img/s")
-    print(f"  (b) tapir build end to end{' (in-process)' if args.inprocess else ''}:       {tapir:8.2f} img/s")
-    print(f"  ratio b/a: {tapir / bare:.3f}  (goal >= 0.85); guard refusals: {figures['guard_refusals']}")
-    print(f"  (b) took {funnel['elapsed']:.1f} s; shard workers' time, summed: {funnel['timing']}"
-          + (f", model setup {funnel['setup']:.1f} s" if "setup" in funnel else ""))
+    figures = {"arch": args.arch, "resolution": args.resolution, "images": args.images, "batch": args.batch,
+               "device": device, "inprocess": args.inprocess, "bare_img_s": round(bare, 2), "runs": []}
+    for threads in [int(t) for t in args.decode_threads.split(",") if t] or [None]:
+        tapir, funnel = bench_tapir(run, vae, args.resolution, args.per_shard, args.batch, device, args.inprocess,
+                                    args.num_cpus, threads)
+        figures["runs"].append({"decode_threads": threads, "tapir_img_s": round(tapir, 2),
+                                "ratio": round(tapir / bare, 3), "written": funnel["written"],
+                                "elapsed_s": funnel["elapsed"], "shard_timing_s": funnel["timing"],
+                                "setup_s": round(funnel.get("setup", 0), 2)})
+        label = f"tapir build end to end{' (in-process)' if args.inprocess else ''}" + (
+            f", {threads} decode threads" if threads else "")
+        print(f"  (b) {label}: {tapir:8.2f} img/s")
+        print(f"  ratio b/a: {tapir / bare:.3f}  (goal >= 0.85)")
+        print(f"  (b) took {funnel['elapsed']:.1f} s; shard workers' time, summed: {funnel['timing']}"
+              + (f", model setup {funnel['setup']:.1f} s" if "setup" in funnel else ""))
+    figures["guard_refusals"] = violations(work)
+    print(f"  guard refusals: {figures['guard_refusals']}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     shutil.rmtree(work, ignore_errors=True)

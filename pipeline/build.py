@@ -164,7 +164,7 @@ def make_plan(cfg: RunConfig, infos: dict) -> pa.Table:
 
 def plan_digest(plan: pa.Table, b: BuildConfig) -> str:
     """Hash of the plan and every build setting that changes shard bytes."""
-    h = hashlib.sha256(json.dumps(b.model_dump(exclude={"actors"}), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(b.model_dump(exclude={"actors", "decode_threads"}), sort_keys=True).encode())
     for col in plan.columns:
         h.update(json.dumps(col.to_pylist()).encode())
     return h.hexdigest()
@@ -296,7 +296,7 @@ class BuildShard:
         images: dict[str, bytes] = {}
         generator = torch.Generator().manual_seed(shard_id)  # store 'sample': the same draw on a rerun
         # decode and resize the next batch on a thread pool (PIL releases the GIL) while this one encodes
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=b.decode_threads or min(8, os.cpu_count() or 1)) as pool:
             prepared = [pool.submit(self._prepare, r) for r in batches[0]] if batches else []
             for n, batch in enumerate(batches):
                 t0 = time.time()

@@ -11,3 +11,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 python3 bench/build.py --arch sd --resolution 256 --images 8192 --per-shard 1024 --batch 64 --inprocess --device cuda --json "$OUT/sd256.json" 2>&1 | grep -v Warning | tee "$OUT/log.txt"
 python3 bench/build.py --arch sd --resolution 512 --images 2048 --per-shard 512 --batch 32 --inprocess --device cuda --json "$OUT/sd512.json" 2>&1 | grep -v Warning | tee -a "$OUT/log.txt"
+# decode threads against the encoder's launch thread (GIL): the stage at 256 px with 1, 2, 4, 8 threads
+python3 bench/build.py --arch sd --resolution 256 --images 8192 --per-shard 1024 --batch 64 --inprocess --device cuda --decode-threads 1,2,4,8 --json "$OUT/sd256_threads.json" 2>&1 | grep -v Warning | tee -a "$OUT/log.txt"
