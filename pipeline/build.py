@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import math
-import os
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -295,8 +294,8 @@ class BuildShard:
         arrays: dict[str, dict[str, np.ndarray]] = {}
         images: dict[str, bytes] = {}
         generator = torch.Generator().manual_seed(shard_id)  # store 'sample': the same draw on a rerun
-        # decode and resize the next batch on a thread pool (PIL releases the GIL) while this one encodes
-        with ThreadPoolExecutor(max_workers=b.decode_threads or min(8, os.cpu_count() or 1)) as pool:
+        # decode and crop the next batch on a few threads (PIL releases the GIL) while this one encodes
+        with ThreadPoolExecutor(max_workers=b.decode_threads) as pool:
             prepared = [pool.submit(self._prepare, r) for r in batches[0]] if batches else []
             for n, batch in enumerate(batches):
                 t0 = time.time()
