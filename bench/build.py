@@ -60,7 +60,6 @@ def bench_bare(run: Path, vae_path: str, resolution: int, batch: int, device: st
                 arrays.append(np.asarray(ImageOps.fit(im.convert("RGB"), (resolution, resolution))))
     batches = [np.stack(arrays[i:i + batch]) for i in range(0, len(arrays), batch)]  # pre-decoded
     vae = AutoencoderKL.from_pretrained(vae_path).eval().to(device)
-    torch.backends.cudnn.benchmark = True  # as the build stage sets it on GPUs
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
     def run_all(items):

@@ -134,11 +134,39 @@ def _member_sizes(tar_path: Path) -> dict[str, int]:
     return sizes
 
 
-def make_plan(cfg: RunConfig, infos: dict) -> pa.Table:
+def check_sizes(b: BuildConfig, infos: dict) -> None:
+    """Every target side must be a multiple of each image encoder's downsampling factor, or a
+    latent would cover fewer pixels than the stored image."""
+    for kind in ("kl", "vq"):
+        if kind not in infos:
+            continue
+        f = infos[kind]["factor"]
+        bad = [f"{w}x{h}" for w, h in target_sizes(b) if w % f or h % f]
+        if bad:
+            raise BuildError(f"build sizes {', '.join(bad)} are not multiples of the {kind} encoder's "
+                             f"downsampling factor {f}: set build.resolution / build.bucket_step / "
+                             f"build.buckets to multiples of {f}")
+
+
+def _source_files(cfg: RunConfig, source: int) -> tuple[Path, Path]:
+    name = shards.shard_name(source)
+    tar, meta = cfg.score_input / f"{name}.tar", cfg.score_input / f"{name}.parquet"
+    for path in (tar, meta):
+        if not path.exists():
+            raise BuildError(f"{path} is missing, but {cfg.selection_dir} keeps rows of shard {name}: "
+                             "was raw/ (or score.input) moved or partly deleted? rerun `tapir download`")
+    return tar, meta
+
+
+def make_plan(cfg: RunConfig, infos: dict) -> tuple[pa.Table, str]:
     """Which kept row goes to which output shard, in (source shard, key) order; a new shard
-    starts at ``samples_per_shard`` samples or when the planned bytes would pass the cap."""
+    starts at ``samples_per_shard`` samples or when the planned bytes would pass the cap.
+    Also returns a hash of the inputs each planned source contributes (selection, captions,
+    scores), so a resumed build notices when they changed."""
     b, sizes_allowed = cfg.build, target_sizes(cfg.build)
+    square = nearest_bucket(1, 1, sizes_allowed)
     rows = {name: [] for name in PLAN_SCHEMA.names}
+    inputs = hashlib.sha256()
     shard, count, nbytes = 0, 0, 0
     for source in sorted(shards.done_shards(cfg.selection_dir)):
         name = shards.shard_name(source)
@@ -146,24 +174,36 @@ def make_plan(cfg: RunConfig, infos: dict) -> pa.Table:
         keep = sorted(sel.filter(pc.equal(sel["keep"], True))["key"].to_pylist())
         if not keep:
             continue
-        meta = pq.read_table(cfg.score_input / f"{name}.parquet", columns=["key", "width", "height"])
-        dims = dict(zip(meta["key"].to_pylist(), zip(meta["width"].to_pylist(), meta["height"].to_pylist())))
-        image_sizes = _member_sizes(cfg.score_input / f"{name}.tar")
+        tar, meta_path = _source_files(cfg, source)
+        for path in (cfg.selection_dir / f"{name}.parquet", cfg.captions_dir / f"{name}.parquet",
+                     cfg.scores_dir / f"{name}.parquet", meta_path):
+            inputs.update(f"{path.parent.name}/{path.name}:".encode())
+            inputs.update(hashlib.sha256(path.read_bytes()).digest() if path.exists() else b"absent")
+        names = pq.read_schema(meta_path).names
+        dims: dict = {}
+        if "width" in names and "height" in names:
+            meta = pq.read_table(meta_path, columns=["key", "width", "height"])
+            dims = dict(zip(meta["key"].to_pylist(), zip(meta["width"].to_pylist(), meta["height"].to_pylist())))
+        image_sizes = _member_sizes(tar)
         for key in keep:
             w, h = dims.get(key, (None, None))
-            size = nearest_bucket(w, h, sizes_allowed) if w and h else sizes_allowed[0]
-            est = sample_bytes(b, infos, size, image_sizes.get(key, 0))
+            size = nearest_bucket(w, h, sizes_allowed) if w and h else square  # unknown size: the squarest
+            image = image_sizes.get(key, 0)
+            if w and h:  # the stored image is the crop at the training size: scale the download's bytes
+                image = int(image * size[0] * size[1] / (w * h))
+            est = sample_bytes(b, infos, size, image)
             if count and (count >= b.samples_per_shard or nbytes + est + TAR_END > b.max_shard_bytes):
                 shard, count, nbytes = shard + 1, 0, 0
             for col, v in zip(PLAN_SCHEMA.names, (key, source, shard, size[0], size[1], est)):
                 rows[col].append(v)
             count, nbytes = count + 1, nbytes + est
-    return pa.table(rows, schema=PLAN_SCHEMA)
+    return pa.table(rows, schema=PLAN_SCHEMA), inputs.hexdigest()
 
 
-def plan_digest(plan: pa.Table, b: BuildConfig) -> str:
-    """Hash of the plan and every build setting that changes shard bytes."""
+def plan_digest(plan: pa.Table, b: BuildConfig, inputs: str = "") -> str:
+    """Hash of the plan, of its inputs and of every build setting that changes shard bytes."""
     h = hashlib.sha256(json.dumps(b.model_dump(exclude={"actors", "decode_threads"}), sort_keys=True).encode())
+    h.update(inputs.encode())
     for col in plan.columns:
         h.update(json.dumps(col.to_pylist()).encode())
     return h.hexdigest()
@@ -173,6 +213,11 @@ def _npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
+
+
+def _json_safe(value):
+    """NaN and infinities become null: strict JSON parsers reject them."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _scalar_columns(table: pa.Table) -> list[str]:
@@ -217,7 +262,7 @@ class BuildShard:
         for source in sorted({p["source"] for p in plan}):
             name = shards.shard_name(source)
             wanted = {p["key"] for p in plan if p["source"] == source}
-            members = {k: v for k, v in shards.read_tar(cfg.score_input / f"{name}.tar").items() if k in wanted}
+            members = shards.read_tar(cfg.score_input / f"{name}.tar", keys=wanted)
             meta = _rows_by_key(cfg.score_input / f"{name}.parquet",
                                 ["url", "caption", "width", "height", "original_width", "original_height"])
             caps = _rows_by_key(cfg.captions_dir / f"{name}.parquet",
@@ -234,6 +279,12 @@ class BuildShard:
                              "scores": scores.get(key, {})})
         order = {p["key"]: i for i, p in enumerate(plan)}
         return sorted(rows, key=lambda r: order[r["key"]])
+
+    def _embedded(self, caps: dict[str, str]) -> tuple[str, str]:
+        """(kind, text) given to the text encoder: build.text.caption, else the first kind present."""
+        kind = next((k for k in (self.cfg.build.text.caption, "short", "descriptive", "alt_text") if caps[k]),
+                    self.cfg.build.text.caption)
+        return kind, caps[kind]
 
     def _captions(self, row: dict) -> dict[str, str]:
         caps = row["captions"] or {}
@@ -271,7 +322,13 @@ class BuildShard:
 
         start, b = time.time(), self.cfg.build
         for kind, info in (self.expect or {}).items():
-            mine = self.encoders.info.get(kind, {}).get("fingerprint")
+            here = self.encoders.info.get(kind, {})
+            if here.get("precision") != info.get("precision"):
+                raise FingerprintMismatch(
+                    f"{self.cfg.shards_dir} holds shards encoded in {info.get('precision')}, this build's {kind} "
+                    f"encoder runs in {here.get('precision')} (build.device / build.precision); finish the build "
+                    "on the same kind of device, or remove the folder to rebuild")
+            mine = here.get("fingerprint")
             if mine != info["fingerprint"]:
                 raise FingerprintMismatch(
                     f"{self.cfg.shards_dir} holds shards encoded by {kind} {info['model']} (fingerprint "
@@ -320,8 +377,7 @@ class BuildShard:
                     outs.update(self.encoders.encode_images(np.ascontiguousarray(stack[:, :, ::-1]), "_flip",
                                                             generator))
                 if b.text.model:
-                    outs.update(self.encoders.encode_texts([texts[r["key"]][b.text.caption] or
-                                                            texts[r["key"]]["alt_text"] for r, _ in good]))
+                    outs.update(self.encoders.encode_texts([self._embedded(texts[r["key"]])[1] for r, _ in good]))
                 timing["encode"] += time.time() - t0
                 for i, (row, _) in enumerate(good):
                     arrays[row["key"]] = {m: v[i] for m, v in outs.items()}
@@ -338,11 +394,13 @@ class BuildShard:
                       "size": [row["width"], row["height"]],
                       "original_size": [row["meta"].get("original_width"), row["meta"].get("original_height")],
                       "flip": b.flip, "txt": b.txt_caption if caps[b.txt_caption] else "fallback",
+                      "text_emb": self._embedded(caps)[0] if b.text.model else None,
                       "captions": {"status": c.get("status"), "model": c.get("model"),
                                    "prompt_descriptive": c.get("prompt_descriptive"),
                                    "prompt_short": c.get("prompt_short")} if c else None,
-                      "scores": {k: v for k, v in row["scores"].items() if k != "key"}}
-            members = {"txt": txt.encode(), "json": json.dumps(record, sort_keys=True, default=str).encode()}
+                      "scores": {k: _json_safe(v) for k, v in row["scores"].items() if k != "key"}}
+            members = {"txt": txt.encode(),
+                       "json": json.dumps(record, sort_keys=True, default=str, allow_nan=False).encode()}
             members.update({CAPTION_MEMBERS[k]: caps[k].encode() for k in CAPTION_KINDS})
             if b.keep_image:
                 members[b.image_format] = images[key]
@@ -352,28 +410,36 @@ class BuildShard:
             buckets[bucket] = buckets.get(bucket, 0) + 1
         name = shards.shard_name(shard_id)
         staging = shards.new_staging(self.cfg.shards_dir, shard_id)
-        shards.write_tar(staging / f"{name}.tar", samples)
-        data = (staging / f"{name}.tar").read_bytes()
+        files = []
+        if samples:  # a shard whose every row failed leaves only its record (readers choke on empty tars)
+            shards.write_tar(staging / f"{name}.tar", samples)
+            files.append(f"{name}.tar")
+        data = (staging / f"{name}.tar").read_bytes() if samples else b""
         stats = {"count": len(samples), "planned": len(rows), "failed": failed, "bytes": len(data),
-                 "sha256": hashlib.sha256(data).hexdigest(), "buckets": buckets,
+                 "sha256": hashlib.sha256(data).hexdigest() if samples else None, "buckets": buckets,
                  "members": sorted({m for _, ms in samples for m in ms}), "encoders": self.encoders.info,
                  "duration": time.time() - start, "timing": {**timing, "write": time.time() - t0}}
-        shards.commit(staging, self.cfg.shards_dir, shard_id, [f"{name}.tar"], stats)
+        shards.commit(staging, self.cfg.shards_dir, shard_id, files, stats)
         return stats
 
 
 def _write_plan(out: Path, plan: pa.Table, digest: str) -> None:
     """Store the plan; refuse to mix shards of another plan (changed inputs or config)."""
     record = out / "_plan.json"
-    if record.exists():
-        old = json.loads(record.read_text())
+    try:
+        old = json.loads(record.read_text()) if record.exists() else None
+    except json.JSONDecodeError:
+        old = {"digest": "unreadable"}
+    if old:
         if old["digest"] != digest and shards.done_shards(out):
             raise BuildError(f"{out} holds shards built from other inputs or build settings "
                              f"(plan {old['digest'][:12]}, now {digest[:12]}); remove it to rebuild")
-    tmp = out / f"{PLAN}.tmp"
-    pq.write_table(plan, tmp)
-    tmp.replace(out / PLAN)
-    record.write_text(json.dumps({"digest": digest, "shards": _planned(plan), "samples": plan.num_rows}))
+    table_tmp = out / f"{PLAN}.tmp"
+    pq.write_table(plan, table_tmp)
+    table_tmp.replace(out / PLAN)
+    tmp = out / "_plan.json.tmp"
+    tmp.write_text(json.dumps({"digest": digest, "shards": _planned(plan), "samples": plan.num_rows}))
+    tmp.replace(record)
 
 
 def _planned(plan: pa.Table) -> int:
@@ -392,8 +458,9 @@ def build(cfg: RunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     shards.clear_staging(out)
     infos = encoder_infos(cfg.build)
-    plan = make_plan(cfg, infos)
-    _write_plan(out, plan, plan_digest(plan, cfg.build))
+    check_sizes(cfg.build, infos)
+    plan, inputs = make_plan(cfg, infos)
+    _write_plan(out, plan, plan_digest(plan, cfg.build, inputs))
     todo = sorted(set(range(_planned(plan))) - shards.done_shards(out))
     done = sorted(shards.done_shards(out))
     expect = shards.read_stats(out, done[0])["encoders"] if done else None

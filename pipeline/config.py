@@ -240,6 +240,8 @@ class BuildConfig(_Strict):
                              "build.vae.model or build.vq.model")
         if self.flip and not (self.vae.model or self.vq.model):
             raise ValueError("build.flip needs an encoder (build.vae.model or build.vq.model)")
+        if self.crop == "buckets" and not self.buckets and self.bucket_step > self.resolution:
+            raise ValueError("build.bucket_step must not exceed build.resolution")
         for w, h in self.buckets or []:
             if w <= 0 or h <= 0:
                 raise ValueError(f"build.buckets: bad bucket {w}x{h}")

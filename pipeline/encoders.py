@@ -77,9 +77,16 @@ def autoencoder_info(kind: str, model: str, subfolder: str | None = None) -> dic
 def text_encoder_info(model: str, subfolder: str | None = None) -> dict:
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(model, **_kwargs(subfolder))
-    cfg = getattr(cfg, "text_config", None) or cfg
-    return {"dim": getattr(cfg, "d_model", None) or cfg.hidden_size}
+    return {"dim": text_dim(AutoConfig.from_pretrained(model, **_kwargs(subfolder)))}
+
+
+def text_dim(config) -> int:
+    """Hidden size of a text encoder's config (CLIP text, T5's d_model, a composite's text part)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("hidden_size", "d_model", "dim", "n_embd"):
+        if isinstance(getattr(cfg, name, None), int):
+            return getattr(cfg, name)
+    raise ValueError(f"cannot tell the hidden size of text encoder config {type(config).__name__}")
 
 
 @dataclass
@@ -113,12 +120,11 @@ class Encoders:
             self.precision = "bf16" if self.device.startswith("cuda") else "fp32"
         self.autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
                                        enabled=self.precision == "bf16")
-        if self.device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = True  # few distinct shapes (one per bucket): tune once
         if self.vae:
             m = AutoencoderKL.from_pretrained(self.vae, **_kwargs(self.vae_subfolder)).eval()
             cfg = m.config
             self.info["kl"] = {"model": self.vae, "subfolder": self.vae_subfolder, **fingerprint(m),
+                               "precision": self.precision,
                                "scaling_factor": cfg.scaling_factor,
                                "shift_factor": getattr(cfg, "shift_factor", None),
                                "channels": cfg.latent_channels, "factor": 2 ** (len(cfg.block_out_channels) - 1),
@@ -128,14 +134,16 @@ class Encoders:
             m = VQModel.from_pretrained(self.vq, **_kwargs(self.vq_subfolder)).eval()
             n = m.config.num_vq_embeddings
             self.info["vq"] = {"model": self.vq, "subfolder": self.vq_subfolder, **fingerprint(m),
+                               "precision": self.precision,
                                "codebook_size": n, "factor": 2 ** (len(m.config.block_out_channels) - 1),
                                "dtype": smallest_uint(n).name}
             self.models["vq"] = m.to(self.device)
         if self.text:
             tok, m = load_text_encoder(self.text, self.text_subfolder, self.tokenizer_subfolder)
+            vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode()
             self.info["text"] = {"model": self.text, "subfolder": self.text_subfolder, **fingerprint(m),
-                                 "max_length": self.text_max_length, "dim": m.config.hidden_size
-                                 if hasattr(m.config, "hidden_size") else m.config.d_model,
+                                 "tokenizer_sha256": hashlib.sha256(vocab).hexdigest(), "precision": self.precision,
+                                 "max_length": self.text_max_length, "dim": text_dim(m.config),
                                  "dtype": self.latent_dtype}
             self.tokenizer, self.models["text"] = tok, m.to(self.device)
 
@@ -189,7 +197,8 @@ class Encoders:
 
 
 def load_text_encoder(model: str, subfolder: str | None = None, tokenizer_subfolder: str | None = None):
-    """(tokenizer, encoder) for a CLIP text model, a T5 encoder or any transformers encoder."""
+    """(tokenizer, encoder) for a CLIP text model, a T5 encoder or another text-only encoder
+    (BERT-like, a decoder's hidden states) that transformers' AutoModel loads."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     cfg = AutoConfig.from_pretrained(model, **_kwargs(subfolder))

@@ -79,7 +79,7 @@ def write(folder: Path, build, planned: int) -> dict:
         "bytes": sum(s["bytes"] for s in stats.values()), "failed": failed, "buckets": buckets,
         "planned_shards": planned, "complete": len(done) == planned,
         "shards": [{"name": f"{shards.shard_name(sid)}.tar", "samples": s["count"], "bytes": s["bytes"],
-                    "sha256": s["sha256"]} for sid, s in stats.items()],
+                    "sha256": s["sha256"]} for sid, s in stats.items() if s["count"]],
     }
     tmp = folder / f"{NAME}.tmp"
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -112,8 +112,26 @@ def check_encoder(folder: Path, kind: str, model, name: str = "") -> dict:
         raise FingerprintMismatch(
             f"shards in {folder} were encoded with {recorded['class']} {recorded['model']} (fingerprint "
             f"{recorded['fingerprint'][:12]}), but this run's {mine['class']} {name or ''} has fingerprint "
-            f"{mine['fingerprint'][:12]}; train with the autoencoder that built the shards or rebuild them")
+            f"{mine['fingerprint'][:12]}; train with the autoencoder that built the shards or rebuild them "
+            "(the fingerprint covers the weights as loaded: load in float32 to compare)")
     return recorded
+
+
+def expected_members(data: dict) -> set[str]:
+    """The members every sample must have, from the manifest's image and encoder settings."""
+    members = {"txt", "json", "alt.txt", "short.txt", "descriptive.txt"}
+    image, enc = data["image"], data["encoders"]
+    if image["keep_image"]:
+        members.add(image["format"])
+    for suffix in [""] + (["_flip"] if image["flip"] else []):
+        if "kl" in enc:
+            names = ["latent_mean", "latent_std"] if enc["kl"]["store"] == "mean_std" else ["latent"]
+            members |= {f"{n}{suffix}.npy" for n in names}
+        if "vq" in enc:
+            members.add(f"tokens{suffix}.npy")
+    if "text" in enc:
+        members |= {"text_emb.npy", "text_mask.npy"}
+    return members
 
 
 def _expected_shape(member: str, size: list[int], data: dict) -> tuple[tuple, str] | None:
@@ -138,16 +156,21 @@ def _check_sample(key: str, members: dict[str, bytes], data: dict) -> list[str]:
     from PIL import Image
 
     faults = []
-    want = set(data["members"])
+    want = expected_members(data)
     if set(members) != want:
         missing, extra = sorted(want - set(members)), sorted(set(members) - want)
         faults.append(f"sample {key}: " + ", ".join(([f"missing {missing}"] if missing else []) +
                                                    ([f"unexpected {extra}"] if extra else [])))
     try:
         record = json.loads(members["json"])
-        size = record["size"]
+        size = [int(v) for v in record["size"]]
+        assert len(size) == 2
     except Exception as e:
-        return faults + [f"sample {key}: unreadable json record ({type(e).__name__}: {e})"]
+        return faults + [f"sample {key}: unreadable json record or size ({type(e).__name__}: {e})"]
+    if record.get("key") != key:
+        faults.append(f"sample {key}: json record is for key {record.get('key')!r}")
+    if size not in data["image"]["buckets"]:
+        faults.append(f"sample {key}: size {size[0]}x{size[1]} is not one of the manifest's sizes")
     for member, raw in members.items():
         try:
             if member.endswith(".npy"):
@@ -158,6 +181,9 @@ def _check_sample(key: str, members: dict[str, bytes], data: dict) -> list[str]:
                                   f"expected {expected[1]}{list(expected[0])}")
                 if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                     faults.append(f"sample {key}: {member} holds NaN or infinity")
+                if member.startswith("tokens") and arr.size and int(arr.max()) >= data["encoders"]["vq"]["codebook_size"]:
+                    faults.append(f"sample {key}: {member} holds code {int(arr.max())}, the codebook has "
+                                  f"{data['encoders']['vq']['codebook_size']}")
             elif member in ("jpg", "png", "webp"):
                 with Image.open(io.BytesIO(raw)) as im:
                     im.load()
@@ -171,7 +197,7 @@ def _check_sample(key: str, members: dict[str, bytes], data: dict) -> list[str]:
     return faults
 
 
-def verify_shard(path: Path, entry: dict, data: dict) -> list[str]:
+def verify_shard(path: Path, entry: dict, data: dict, seen: dict[str, str] | None = None) -> list[str]:
     """Faults of one tar: size, checksum, tar structure, member names, counts, array shapes."""
     name, faults = path.name, []
     if not path.exists():
@@ -208,6 +234,10 @@ def verify_shard(path: Path, entry: dict, data: dict) -> list[str]:
         faults.append(f"{name}: {len(order)} samples, manifest says {entry['samples']}")
     for key in order:
         faults += [f"{name}: {f}" for f in _check_sample(key, samples[key], data)]
+        if seen is not None:
+            if key in seen:
+                faults.append(f"{name}: sample {key} also in {seen[key]}")
+            seen.setdefault(key, name)
     return faults
 
 
@@ -224,11 +254,15 @@ def verify(folder: Path, progress: bool = True) -> tuple[list[str], dict]:
     if not data["complete"]:
         faults.append(f"manifest: build incomplete, {len(data['shards'])} of {data['planned_shards']} shards "
                       "committed (rerun `tapir build`)")
+    if data["shards"] and set(data["members"]) != expected_members(data):
+        faults.append(f"manifest: members {data['members']} differ from what its settings imply "
+                      f"{sorted(expected_members(data))}")
     listed = {e["name"] for e in data["shards"]}
     for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
         faults.append(f"{extra}: not in the manifest")
+    seen: dict[str, str] = {}
     for entry in tqdm(data["shards"], desc="verify", unit="shard", disable=not progress):
-        faults += verify_shard(folder / entry["name"], entry, data)
+        faults += verify_shard(folder / entry["name"], entry, data, seen)
     summary = {"shards": len(data["shards"]), "samples": data["samples"], "bytes": data["bytes"],
                "encoders": {k: v["fingerprint"][:12] for k, v in data["encoders"].items()}}
     return faults, summary

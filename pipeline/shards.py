@@ -58,8 +58,9 @@ def write_tar(path: Path, samples: Iterable[tuple[str, Mapping[str, bytes]]]) ->
                 tar.addfile(info, io.BytesIO(data))
 
 
-def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    """All samples of a tar as {key: {ext: bytes}} (keys split at the first dot of the basename)."""
+def read_tar(path: Path, keys: set[str] | None = None) -> dict[str, dict[str, bytes]]:
+    """The samples of a tar as {key: {ext: bytes}} (keys split at the first dot of the basename);
+    only those in ``keys`` when given (the others are skipped, not read)."""
     samples: dict[str, dict[str, bytes]] = {}
     with tarfile.open(path, mode="r") as tar:
         for member in tar:
@@ -67,6 +68,8 @@ def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
                 continue
             base = member.name.rsplit("/", 1)[-1]
             key, _, ext = base.partition(".")
+            if keys is not None and key not in keys:
+                continue
             samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     return samples
 

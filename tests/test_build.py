@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -92,7 +93,7 @@ def test_build_writes_every_kept_row_or_its_reason(built, curated):
     for member in ("jpg", "txt", "alt.txt", "short.txt", "descriptive.txt", "json", "latent_mean.npy",
                    "latent_std.npy", "tokens.npy", "text_emb.npy", "text_mask.npy"):
         assert member in manifest["members"]
-    assert not any(name.endswith((".pyd", ".pickle", ".pkl", ".pth")) for s in samples.values() for name in s)
+    assert not any(name.split(".")[-1] in {"pyd", "pickle", "pkl", "pth", "pt"} for s in samples.values() for name in s)
     record = json.loads(samples[sorted(good)[0]]["json"])
     assert record["size"] == [64, 64] and record["scores"]["clip_score"] > 0
     assert record["captions"]["model"] == "synthetic-truth"
@@ -199,6 +200,33 @@ def test_verify_finds_damage(built, tmp_path, how, expected):
     faults = [l for l in proc.stdout.splitlines() if l.startswith("FAULT")]
     assert faults and all("00001.tar" in f for f in faults), proc.stdout
     assert any(expected in f for f in faults), proc.stdout
+
+
+def test_verify_checks_arrays_even_when_checksums_are_recomputed(built, tmp_path):
+    """A shard rewritten with a wrong-shaped latent and a wrong-dtype token array, its manifest
+    entry updated to match: only the array checks can find it."""
+    import hashlib
+
+    cfg, _ = built
+    folder = tmp_path / "shards"
+    shutil.copytree(cfg.shards_dir, folder)
+    tar = folder / "00002.tar"
+    samples = shards.read_tar(tar)
+    first, second = sorted(samples)[:2]
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 8, 8), np.float32))
+    samples[first]["latent_mean.npy"] = buf.getvalue()
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((16, 16), np.int64))
+    samples[second]["tokens.npy"] = buf.getvalue()
+    shards.write_tar(tar, sorted(samples.items()))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["name"] == "00002.tar")
+    entry["bytes"], entry["sha256"] = tar.stat().st_size, hashlib.sha256(tar.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    faults, _ = verify(folder, progress=False)
+    assert faults == [f"00002.tar: sample {first}: latent_mean.npy is float32[4, 8, 8], expected float32[4, 16, 16]",
+                      f"00002.tar: sample {second}: tokens.npy is int64[16, 16], expected uint8[16, 16]"]
 
 
 def test_verify_reports_a_missing_manifest_and_foreign_tars(built, tmp_path):
@@ -345,10 +373,49 @@ def test_open_clip_train_trains_on_the_image_caption_shards(curated, tmp_path, l
     assert (tmp_path / "logs" / "tapir" / "checkpoints" / "epoch_2.pt").exists()
 
 
+def test_bad_inputs_and_sizes_fail_before_encoding(curated, models, tmp_path):
+    run = _copy_run(curated, tmp_path / "run")
+    with pytest.raises(BuildError, match="not multiples of the kl encoder's downsampling factor 4"):
+        build(_config(run, f"build.vae.model={models['kl']}", "build.resolution=62"))
+    (run / "raw" / "00001.tar").unlink()
+    with pytest.raises(BuildError, match="00001.tar is missing"):
+        build(_config(run))
+
+
+def test_changed_inputs_are_refused_on_resume(curated, tmp_path, local_ray):
+    run = _copy_run(curated, tmp_path / "run")
+    cfg = _config(run)
+    build(cfg)
+    for sid in (1, 2, 3):
+        shards.stats_path(cfg.shards_dir, sid).unlink()
+    captions = run / "captions" / "00002.parquet"  # recaptioned since: the plan's inputs changed
+    table = pq.read_table(captions)
+    pq.write_table(table.set_column(table.schema.get_field_index("short"), "short",
+                                    pa.array(["a new caption"] * table.num_rows)), captions)
+    with pytest.raises(BuildError, match="other inputs or build settings"):
+        build(cfg)
+
+
+def test_a_shard_whose_rows_all_fail_leaves_no_tar(curated, tmp_path, local_ray):
+    run = _copy_run(curated, tmp_path / "run")
+    raw = shards.read_tar(run / "raw" / "00000.tar")
+    del raw["000000000"]  # shard 0 plans keys ...0 (now missing) and ...1 (corrupt)
+    shards.write_tar(run / "raw" / "00000.tar", sorted(raw.items()))
+    cfg = _config(run, "build.samples_per_shard=2")
+    funnel = build(cfg)
+    assert funnel["shards"] == funnel["planned_shards"] and not (cfg.shards_dir / "00000.tar").exists()
+    assert shards.read_stats(cfg.shards_dir, 0)["count"] == 0
+    manifest = json.loads((cfg.shards_dir / "manifest.json").read_text())
+    assert manifest["complete"] and "00000.tar" not in {e["name"] for e in manifest["shards"]}
+    assert verify(cfg.shards_dir, progress=False)[0] == []
+
+
 def test_build_config_is_checked_before_work(tmp_path):
     with pytest.raises(ConfigError, match="neither images nor latents"):
         _config(tmp_path, "build.keep_image=false")
     with pytest.raises(ConfigError, match="flip needs an encoder"):
         _config(tmp_path, "build.flip=true")
+    with pytest.raises(ConfigError, match="bucket_step must not exceed"):
+        _config(tmp_path, "build.crop=buckets", "build.bucket_step=128")
     with pytest.raises(ConfigError, match="build.crop"):
         _config(tmp_path, "build.crop=squash")
