@@ -93,8 +93,8 @@ def bench_tapir(run: Path, vae_path: str, resolution: int, per_shard: int, batch
     start = time.perf_counter()
     if inprocess:  # the stage without Ray: plan, one worker, manifest
         cfg.shards_dir.mkdir(parents=True)
-        plan = make_plan(cfg, encoder_infos(cfg.build))
-        _write_plan(cfg.shards_dir, plan, plan_digest(plan, cfg.build))
+        plan, inputs = make_plan(cfg, encoder_infos(cfg.build))
+        _write_plan(cfg.shards_dir, plan, plan_digest(plan, cfg.build, inputs))
         stage = BuildShard(cfg.model_dump())
         stage.setup()
         for sid in range(_planned(plan)):
