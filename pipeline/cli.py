@@ -104,6 +104,35 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_train_diffusion(args) -> int:
+    from training.diffusion import ray_train_diffusion, train_diffusion
+
+    cfg = _load(args)
+    if args.ray_workers:
+        summary = ray_train_diffusion(cfg, args.resume, args.ray_workers, args.gpu)
+    else:
+        summary = train_diffusion(cfg, args.resume)
+    if summary.get("rank", 0) == 0:
+        kinds = summary["caption_kinds"]
+        total = sum(kinds.values()) or 1
+        print(f"trained {summary['steps']} steps ({summary['batches_per_epoch']} batches per epoch per rank); "
+              "captions used: " + ", ".join(f"{k} {n / total:.1%}" for k, n in sorted(kinds.items())))
+        if summary["faults"]:
+            print(f"{len(summary['faults'])} data fault(s) skipped, e.g. {summary['faults'][0]}")
+        print(f"run folder: {cfg.diffusion_dir}  (checkpoints/, samples/, tb/, metrics.jsonl)")
+        print(f"diffusers pipeline: {summary.get('pipeline')}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from training.sample import sample_run
+
+    path = sample_run(Path(args.run_dir), args.prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                      sampler_name=args.sampler, out=args.out, device=args.device)
+    print(f"written: {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import demo
 
@@ -146,6 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config")
         _common(p)
         p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("train-diffusion", help="train a text-conditioned DiT on RUN/shards (train_diffusion section)")
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
+    p.add_argument("--ray-workers", type=int, default=0, metavar="N",
+                   help="train on N Ray Train workers (on --ray-address, else a local Ray); "
+                   "default: this process, or the processes torchrun started")
+    p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
+    _common(p)
+    p.set_defaults(func=cmd_train_diffusion)
+
+    p = sub.add_parser("sample", help="sample a grid PNG from a training run's newest checkpoint (EMA)")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one image each)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler"], help="default: the run's sample.sampler")
+    p.add_argument("--out", help="PNG path (default RUN/samples/sample-CHECKPOINT-seedK.png)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample, verbose=False)
 
     p = sub.add_parser("run", help="run every stage of a config, then the report")
     p.add_argument("config")
@@ -190,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.inputs import InputError
         from pipeline.manifest import FingerprintMismatch
 
-        if isinstance(e, (InputError, RuleError, FileNotFoundError, BuildError, FingerprintMismatch)):
+        if isinstance(e, (InputError, RuleError, FileNotFoundError, BuildError, FingerprintMismatch)) or \
+                args.command in ("train-diffusion", "sample"):
             print(f"tapir: {e}", file=sys.stderr)
             return 2
         raise

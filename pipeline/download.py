@@ -26,7 +26,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from pipeline import shards
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, RunConfig
 from pipeline.fetch import DEADLINE, REFUSED, TOO_LARGE, FetchPolicy
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,8 @@ def plan(cfg: RunConfig) -> tuple[list[str], list[tuple[int, str, int]]]:
     tmp = raw / "_input"
     norm = tmp / "input.parquet"
     if not norm.exists():
+        if cfg.input is None:
+            raise ConfigError("download needs an input section (input.path: the URL list)")
         normalise(cfg.input, norm)
     extras = [c for c in pq.read_schema(norm).names if c not in ("url", "caption")]
     reader = Reader(str(norm), "parquet", "url", "caption", None, None, extras or None,

@@ -255,3 +255,20 @@ def run_actor_pool(
         bar.close()
         for actor in pool:
             ray.kill(actor)
+
+
+def run_torch_trainer(loop: Callable[[dict], None], config: dict, workers: int, use_gpu: bool,
+                      address: str | None = None, num_cpus: int | None = None) -> dict:
+    """Run a training loop on ``workers`` Ray Train workers (TorchTrainer: one process each,
+    the torch process group set up before ``loop`` runs); return Ray Train's result metrics."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init(address, num_cpus)
+    trainer = TorchTrainer(loop, train_loop_config=config,
+                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+                           run_config=RunConfig(storage_path=str(Path(tempfile.gettempdir()) / "tapir-ray-train")))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return dict(result.metrics or {})

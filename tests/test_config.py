@@ -34,8 +34,8 @@ def test_bad_value_is_named(tmp_path):
 
 
 def test_missing_required_key():
-    with pytest.raises(ConfigError, match=r"input: Field required"):
-        load_config(None, ["output=x"])
+    with pytest.raises(ConfigError, match=r"output: Field required"):
+        load_config(None, ["input.path=u"])
 
 
 def test_bad_combination():

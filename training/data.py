@@ -1,0 +1,280 @@
+"""Training batches from ``tapir build`` shards, split exactly across ranks and loader workers.
+
+The split (why every rank gets the same number of batches, even with uneven shards or fewer
+shards than workers, where webdataset's per-shard split hangs DDP: webdataset #188, #225):
+
+1. Each epoch the shard order is a seeded permutation; the manifest's sample counts place
+   the shards one after another on a line of N sample positions.
+2. Rank r takes the contiguous range [r * N//W, r * N//W + S*B) of W ranks, where
+   S = (N // W) // B batches of B samples. Every rank has exactly S batches per epoch.
+   **Remainder policy**: the N - W*S*B positions past the ranks' ranges (fewer than W*B + W)
+   are not trained on this epoch; the next epoch's permutation moves different samples there.
+3. A rank's S batches are split into contiguous blocks, one per loader worker (the first
+   S mod workers blocks one batch longer); a shard may be split between ranks and workers,
+   each reading only its part.
+4. Each worker shuffles through a seeded buffer, and draws per sample (seeded by the key and
+   the epoch, so the draw never depends on position): the caption kind (``caption_probs``,
+   falling back in ``caption_fallback`` order when the drawn kind is empty), caption dropout,
+   and the flipped variant.
+
+A shard that cannot be read, or ends early, is skipped with a warning naming it and counted
+(``faults`` in each batch); the worker makes up the missing samples from the shards after its
+range, so the batch count never changes. Resume: ``set_epoch(epoch, skip)`` replays the epoch's
+order and drops the first ``skip`` batches, giving exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from training.config import TrainDataConfig
+
+log = logging.getLogger(__name__)
+
+CAPTION_MEMBERS = {"alt_text": "alt.txt", "short": "short.txt", "descriptive": "descriptive.txt"}
+
+
+@dataclass(frozen=True)
+class Segment:
+    shard: int  # index into the shard list
+    start: int  # first sample (position in the tar)
+    stop: int   # one past the last
+
+
+def batches_per_rank(total: int, world: int, batch: int) -> int:
+    return (total // world) // batch
+
+
+def shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
+    return np.random.default_rng([seed, epoch, 0x5A4D]).permutation(n_shards).tolist()
+
+
+def segments(counts: list[int], order: list[int], start: int, stop: int) -> list[Segment]:
+    """The parts of shards covering positions [start, stop) of the shards laid out in ``order``."""
+    out, pos = [], 0
+    for s in order:
+        lo, hi = max(start, pos), min(stop, pos + counts[s])
+        if lo < hi:
+            out.append(Segment(s, lo - pos, hi - pos))
+        pos += counts[s]
+        if pos >= stop:
+            break
+    return out
+
+
+def worker_blocks(n_batches: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) batch blocks per worker; the first n_batches % workers get one more."""
+    base, extra = divmod(n_batches, workers)
+    blocks, lo = [], 0
+    for w in range(workers):
+        hi = lo + base + (w < extra)
+        blocks.append((lo, hi))
+        lo = hi
+    return blocks
+
+
+def worker_skips(blocks: list[tuple[int, int]], skip: int) -> list[int]:
+    """Batches each worker has delivered after the loader yielded ``skip`` batches: PyTorch's
+    DataLoader takes one batch from each worker in turn, passing over exhausted workers."""
+    sizes = [hi - lo for lo, hi in blocks]
+    done = [0] * len(blocks)
+    while skip > 0:
+        for w, n in enumerate(sizes):
+            if skip and done[w] < n:
+                done[w] += 1
+                skip -= 1
+    return done
+
+
+def _rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+
+
+def _npy(raw: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+class ShardStream(IterableDataset):
+    """Batches (dicts of tensors and lists) of one rank; see the module docstring."""
+
+    def __init__(self, folder: str | Path, manifest: dict, cfg: TrainDataConfig, seed: int, world: int = 1,
+                 rank: int = 0, text_kinds: list[str] | None = None, workers: int | None = None):
+        self.folder, self.cfg, self.seed, self.world, self.rank = Path(folder), cfg, seed, world, rank
+        self.names = [e["name"] for e in manifest["shards"]]
+        self.counts = [e["samples"] for e in manifest["shards"]]
+        kl = manifest["encoders"].get("kl")
+        if kl is None:
+            raise ValueError(f"shards in {folder} hold no KL latents (build.vae.model was not set): "
+                             "the diffusion trainer trains on pre-encoded latents")
+        self.latent_members = ["latent_mean", "latent_std"] if kl["store"] == "mean_std" else ["latent"]
+        self.has_flip = bool(manifest["image"]["flip"])
+        self.text_kinds = text_kinds
+        self.workers = max(1, cfg.workers if workers is None else workers)
+        self.n_batches = batches_per_rank(sum(self.counts), world, cfg.batch_size)
+        if self.n_batches == 0:
+            raise ValueError(f"{sum(self.counts)} samples in {folder} are fewer than one batch of "
+                             f"{cfg.batch_size} on each of {world} rank(s)")
+        kinds = list(cfg.caption_probs)
+        probs = np.array([cfg.caption_probs[k] for k in kinds], dtype=np.float64)
+        self.kinds, self.probs = kinds, probs / probs.sum()
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The epoch to iterate next, and how many of its batches to drop (resume)."""
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return self.n_batches - self.skip
+
+    # -- reading ---------------------------------------------------------------------------
+    def _read(self, shard: int, start: int, stop: int | None, faults: list[str]) -> Iterator[dict]:
+        """Raw samples [start, stop) of one shard; a read error or an early end is a fault."""
+        from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+        name, n = self.names[shard], 0
+        want = self.counts[shard] if stop is None else stop
+        try:
+            with open(self.folder / name, "rb") as f:
+                for sample in group_by_keys({**m, "__url__": name} for m in tar_file_iterator(f)):
+                    if n >= want:
+                        return
+                    if n >= start:
+                        sample["__shard__"] = name
+                        yield sample
+                    n += 1
+        except Exception as e:  # noqa: BLE001 - any unreadable shard is skipped and counted
+            faults.append(f"{name}: unreadable ({type(e).__name__}: {e}); skipped")
+            return
+        if n < want:
+            faults.append(f"{name}: ends after {n} samples, the manifest says {self.counts[shard]}; "
+                          "truncated, the rest is skipped")
+
+    def _source(self, segs: list[Segment], order: list[int], faults: list[str]) -> Iterator[dict]:
+        for seg in segs:
+            yield from self._read(seg.shard, seg.start, seg.stop, faults)
+        # spares, only reached after a fault: the shards after this range, in epoch order
+        after = order.index(segs[-1].shard) + 1 if segs else 0
+        for lap in range(2):
+            for s in order[after:] + order[:after]:
+                yield from self._read(s, 0, None, faults if lap == 0 else [])
+        raise RuntimeError(f"no readable samples left in {self.folder}")
+
+    def _decode(self, raw: dict) -> dict:
+        key = raw["__key__"]
+        rng = _rng(self.seed, self.epoch, key)
+        texts = {k: raw[m].decode("utf-8").strip() for k, m in CAPTION_MEMBERS.items() if m in raw}
+        kind = self.kinds[rng.choice(len(self.kinds), p=self.probs)]
+        if not texts.get(kind):
+            kind = next((k for k in self.cfg.caption_fallback if texts.get(k)), None)
+            if kind is None:
+                raise ValueError(f"sample {key} has no caption of the kinds {self.cfg.caption_fallback}")
+        drop = bool(rng.random() < self.cfg.caption_dropout)
+        suffix = "_flip" if self.cfg.flip and self.has_flip and rng.random() < 0.5 else ""
+        out = {"key": key, "kind": kind, "drop": drop, "caption": "" if drop else texts[kind]}
+        for m in self.latent_members:
+            out[m] = torch.from_numpy(_npy(raw[f"{m}{suffix}.npy"]).astype(np.float32))
+        if self.text_kinds is not None:
+            out["text_emb"] = torch.from_numpy(_npy(raw[f"text_emb_{kind}.npy"]).astype(np.float32))
+            out["text_mask"] = torch.from_numpy(_npy(raw[f"text_mask_{kind}.npy"]).astype(np.int64))
+        return out
+
+    # -- iteration -------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        blocks = worker_blocks(self.n_batches, nw)
+        lo, hi = blocks[w]
+        skip = worker_skips(blocks, self.skip)[w]
+        B = self.cfg.batch_size
+        base = self.rank * (sum(self.counts) // self.world)
+        order = shard_order(len(self.names), self.seed, self.epoch)
+        faults: list[str] = []
+        source = self._source(segments(self.counts, order, base + lo * B, base + hi * B), order, faults)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, w])
+        buffer: list[dict] = []
+        for b in range(hi - lo):
+            batch = []
+            while len(batch) < B:
+                while len(buffer) < self.cfg.shuffle_buffer and len(buffer) < (hi - lo - b) * B - len(batch):
+                    buffer.append(next(source))
+                i = int(rng.integers(len(buffer)))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                raw = buffer.pop()
+                try:
+                    batch.append(self._decode(raw))
+                except (KeyError, ValueError, OSError) as e:
+                    faults.append(f"{raw['__shard__']} sample {raw['__key__']}: {type(e).__name__}: {e}; "
+                                  "skipped")
+            if b < skip:
+                continue
+            for fault in faults:
+                log.warning("%s", fault)
+            yield collate(batch, faults)
+            faults.clear()
+
+
+def collate(samples: list[dict], faults: list[str]) -> dict:
+    out = {k: [s[k] for s in samples] for k in ("key", "kind", "caption")}
+    out["drop"] = torch.tensor([s["drop"] for s in samples])
+    for k in ("latent_mean", "latent_std", "latent", "text_emb", "text_mask"):
+        if k in samples[0]:
+            out[k] = torch.stack([s[k] for s in samples])
+    out["faults"] = list(faults)
+    return out
+
+
+def loader(stream: ShardStream) -> DataLoader:
+    """A DataLoader over a ShardStream's batches (batching happens in the workers)."""
+    workers = stream.workers if stream.cfg.workers else 0
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def check_shard_encoders(folder: Path, kind: str, model, name: str) -> None:
+    """Raise FingerprintMismatch naming the first shard not encoded by ``model``."""
+    from pipeline import shards
+    from pipeline.encoders import fingerprint
+    from pipeline.manifest import FingerprintMismatch
+
+    mine = fingerprint(model)
+    for sid in sorted(shards.done_shards(folder)):
+        rec = shards.read_stats(folder, sid)["encoders"].get(kind)
+        if rec is not None and rec["fingerprint"] != mine["fingerprint"]:
+            raise FingerprintMismatch(
+                f"shard {shards.shard_name(sid)}.tar in {folder} was encoded by {rec['class']} {rec['model']} "
+                f"(fingerprint {rec['fingerprint'][:12]}), but this run decodes with {name} (fingerprint "
+                f"{mine['fingerprint'][:12]}); train with the autoencoder that built the shards or rebuild them")
+
+
+def read_samples(folder: Path, n: int, latent_member: str) -> list[dict]:
+    """The first ``n`` samples in manifest order: {'key', 'latent' (the stored mean), 'caption'}
+    (the descriptive caption, else the short one, else the alt-text)."""
+    from pipeline import manifest
+
+    out = []
+    for entry in manifest.load(folder)["shards"]:
+        for key, members in _read_tar(Path(folder) / entry["name"]):
+            caption = next((members[m].decode() for m in ("descriptive.txt", "short.txt", "alt.txt")
+                            if members.get(m, b"").strip()), "")
+            out.append({"key": key, "latent": torch.from_numpy(_npy(members[f"{latent_member}.npy"]).astype(np.float32)),
+                        "caption": caption})
+            if len(out) == n:
+                return out
+    return out
+
+
+def _read_tar(path: Path):
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with open(path, "rb") as f:
+        for sample in group_by_keys({**m, "__url__": str(path)} for m in tar_file_iterator(f)):
+            yield sample["__key__"], sample
