@@ -9,8 +9,12 @@ the key):
   to its aspect-ratio bucket (``build.keep_image``);
 - ``latent_mean.npy`` + ``latent_std.npy`` (or ``latent.npy``): the KL autoencoder's
   unscaled latent distribution, ``tokens.npy``: VQ indices, ``*_flip.npy``: the same
-  for the horizontally flipped image, ``text_emb.npy`` + ``text_mask.npy``: a text
-  encoder's hidden states for one caption kind;
+  for the horizontally flipped image;
+- per caption kind K of ``build.text.captions`` (``descriptive``, ``short``, ``alt_text``):
+  ``text_emb_K.npy`` (max_length x dim): a text encoder's hidden states
+  (``build.text.hidden_layer``), ``text_mask_K.npy``: its attention mask, and
+  ``text_pooled_K.npy`` (dim): the pooled vector (``build.text.pooled``); an empty
+  caption is embedded as '' and marked false in the json's ``text_emb``;
 - ``txt`` (the caption open_clip_train reads), ``alt.txt``, ``short.txt``,
   ``descriptive.txt``; ``json``: size, bucket, scores and provenance.
 
@@ -103,8 +107,9 @@ def _in_tar(n: int) -> int:
 
 
 def sample_bytes(b: BuildConfig, infos: dict, size: tuple[int, int], image_bytes: int) -> int:
-    """Planned bytes of one sample in a tar: the image as downloaded, exact array sizes, and
-    the text members (4 captions and the json record) at one block each, headers included."""
+    """Planned bytes of one sample in a tar: the image as downloaded, exact array sizes (the
+    pooled text vector taken as wide as the hidden states), and the text members (4 captions
+    and the json record) at one block each, headers included."""
     from pipeline.encoders import smallest_uint
 
     w, h = size
@@ -118,7 +123,9 @@ def sample_bytes(b: BuildConfig, infos: dict, size: tuple[int, int], image_bytes
         arrays.append((h // f) * (w // f) * smallest_uint(infos["vq"]["codebook_size"]).itemsize)
     arrays *= 2 if b.flip else 1
     if "text" in infos:
-        arrays += [b.text.max_length * infos["text"]["dim"] * item, b.text.max_length]
+        dim = infos["text"]["dim"]
+        per_kind = [b.text.max_length * dim * item, b.text.max_length] + ([dim * item] if b.text.pooled else [])
+        arrays += per_kind * len(b.text.captions)
     total = sum(_in_tar(NPY_HEADER + n) for n in arrays) + TEXT_MEMBERS * _in_tar(TEXT_BYTES)
     return total + (_in_tar(image_bytes) if b.keep_image else 0)
 
@@ -252,6 +259,7 @@ class BuildShard:
             vae=b.vae.model, vae_subfolder=b.vae.subfolder, vae_store=b.vae.store, vq=b.vq.model,
             vq_subfolder=b.vq.subfolder, text=b.text.model, text_subfolder=b.text.subfolder,
             tokenizer_subfolder=b.text.tokenizer_subfolder, text_max_length=b.text.max_length,
+            text_captions=tuple(b.text.captions), text_hidden_layer=b.text.hidden_layer, text_pooled=b.text.pooled,
             latent_dtype=b.latent_dtype, device=b.device, precision=b.precision)
         self.encoders.setup()
         self.setup_seconds = time.time() - start
@@ -279,12 +287,6 @@ class BuildShard:
                              "scores": scores.get(key, {})})
         order = {p["key"]: i for i, p in enumerate(plan)}
         return sorted(rows, key=lambda r: order[r["key"]])
-
-    def _embedded(self, caps: dict[str, str]) -> tuple[str, str]:
-        """(kind, text) given to the text encoder: build.text.caption, else the first kind present."""
-        kind = next((k for k in (self.cfg.build.text.caption, "short", "descriptive", "alt_text") if caps[k]),
-                    self.cfg.build.text.caption)
-        return kind, caps[kind]
 
     def _captions(self, row: dict) -> dict[str, str]:
         caps = row["captions"] or {}
@@ -376,8 +378,7 @@ class BuildShard:
                 if b.flip:
                     outs.update(self.encoders.encode_images(np.ascontiguousarray(stack[:, :, ::-1]), "_flip",
                                                             generator))
-                if b.text.model:
-                    outs.update(self.encoders.encode_texts([self._embedded(texts[r["key"]])[1] for r, _ in good]))
+                outs.update(self.encoders.encode_texts([texts[r["key"]] for r, _ in good]))
                 timing["encode"] += time.time() - t0
                 for i, (row, _) in enumerate(good):
                     arrays[row["key"]] = {m: v[i] for m, v in outs.items()}
@@ -394,7 +395,7 @@ class BuildShard:
                       "size": [row["width"], row["height"]],
                       "original_size": [row["meta"].get("original_width"), row["meta"].get("original_height")],
                       "flip": b.flip, "txt": b.txt_caption if caps[b.txt_caption] else "fallback",
-                      "text_emb": self._embedded(caps)[0] if b.text.model else None,
+                      "text_emb": {k: bool(caps[k]) for k in b.text.captions} if b.text.model else None,
                       "captions": {"status": c.get("status"), "model": c.get("model"),
                                    "prompt_descriptive": c.get("prompt_descriptive"),
                                    "prompt_short": c.get("prompt_short")} if c else None,

@@ -7,11 +7,14 @@ any work starts, with the dotted name of the key.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from training.config import TrainDiffusionConfig
 
 
 class ConfigError(ValueError):
@@ -195,8 +198,21 @@ class TextEncoderConfig(_Strict):
     subfolder: Optional[str] = Field(None, description="Model subfolder, e.g. 'text_encoder'.")
     tokenizer_subfolder: Optional[str] = Field(None, description="Tokenizer subfolder, e.g. 'tokenizer' "
                                                "(null: the model's).")
-    caption: Literal["descriptive", "short", "alt_text"] = Field("descriptive", description="Caption kind embedded.")
+    captions: list[Literal["descriptive", "short", "alt_text"]] = Field(
+        default_factory=lambda: ["descriptive", "alt_text"], min_length=1,
+        description="Caption kinds embedded, each on its own (members text_emb_K.npy, text_mask_K.npy, "
+        "text_pooled_K.npy); a sample's empty caption is embedded as '' and marked false in its json 'text_emb'.")
     max_length: int = Field(77, gt=0, description="Tokens per caption (padded); the mask is stored beside.")
+    hidden_layer: int = Field(-1, description="Hidden state stored: -1 the last (last_hidden_state), -2 the "
+                              "penultimate (what SD2 and SDXL take from CLIP), ...")
+    pooled: bool = Field(True, description="Also store one vector per caption: the model's pooled output "
+                         "(CLIP's end-of-text state), else the mask-weighted mean of the last hidden state.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(set(self.captions)) != len(self.captions):
+            raise ValueError(f"build.text.captions lists a kind twice: {self.captions}")
+        return self
 
 
 class BuildConfig(_Strict):
@@ -260,13 +276,15 @@ class ResourcesConfig(_Strict):
 
 class RunConfig(_Strict):
     output: str = Field(description="Run folder; each stage writes a subfolder (raw/, ...).")
-    input: InputConfig = Field(description="The URL list and its columns.")
+    input: Optional[InputConfig] = Field(None, description="The URL list and its columns (required by download).")
     download: DownloadConfig = Field(default_factory=DownloadConfig, description="The download stage.")
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="The score stage.")
     select: SelectConfig = Field(default_factory=SelectConfig, description="The select stage.")
     recaption: RecaptionConfig = Field(default_factory=RecaptionConfig, description="The recaption stage.")
     build: BuildConfig = Field(default_factory=BuildConfig, description="The build stage (training shards).")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray and concurrency.")
+    train_diffusion: TrainDiffusionConfig = Field(default_factory=TrainDiffusionConfig,
+                                                  description="The latent diffusion trainer.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -297,6 +315,14 @@ class RunConfig(_Strict):
     @property
     def shards_dir(self) -> Path:
         return Path(self.output) / "shards"
+
+    @property
+    def train_shards(self) -> Path:
+        return Path(self.train_diffusion.data.shards) if self.train_diffusion.data.shards else self.shards_dir
+
+    @property
+    def diffusion_dir(self) -> Path:
+        return Path(self.train_diffusion.output or Path(self.output) / "runs" / "diffusion")
 
 
 def _format_error(err: ValidationError, source: str) -> str:
@@ -355,7 +381,8 @@ def reference(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tupl
     """(dotted key, default, description) for every field: the config reference."""
     rows = []
     for name, f in model.model_fields.items():
-        ann = f.annotation
+        ann = next((a for a in typing.get_args(f.annotation) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   f.annotation)  # Optional[Section] documents the section's keys too
         key = prefix + name
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.append((key, "", f.description or ""))

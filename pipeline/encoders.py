@@ -91,8 +91,9 @@ def text_dim(config) -> int:
 
 @dataclass
 class Encoders:
-    """The encoders of one build, loaded on one device. ``encode`` turns a batch of
-    prepared images (uint8, N x H x W x 3) into numpy arrays per member name."""
+    """The encoders of one build, loaded on one device. ``encode_images`` turns a batch of
+    prepared images (uint8, N x H x W x 3) into numpy arrays per member name,
+    ``encode_texts`` a batch of captions (one embedding per kind in ``text_captions``)."""
 
     vae: str | None = None
     vae_subfolder: str | None = None
@@ -103,6 +104,9 @@ class Encoders:
     text_subfolder: str | None = None
     tokenizer_subfolder: str | None = None
     text_max_length: int = 77
+    text_captions: tuple[str, ...] = ("descriptive", "alt_text")
+    text_hidden_layer: int = -1
+    text_pooled: bool = True
     latent_dtype: str = "float16"
     device: str = "auto"
     precision: str = "auto"
@@ -144,8 +148,10 @@ class Encoders:
             self.info["text"] = {"model": self.text, "subfolder": self.text_subfolder, **fingerprint(m),
                                  "tokenizer_sha256": hashlib.sha256(vocab).hexdigest(), "precision": self.precision,
                                  "max_length": self.text_max_length, "dim": text_dim(m.config),
-                                 "dtype": self.latent_dtype}
+                                 "dtype": self.latent_dtype, "captions": list(self.text_captions),
+                                 "hidden_layer": self.text_hidden_layer, "pooled": self.text_pooled}
             self.tokenizer, self.models["text"] = tok, m.to(self.device)
+            self.info["text"].update(self._probe_text())
 
     def _pixels(self, images: np.ndarray):
         import torch
@@ -182,18 +188,53 @@ class Encoders:
                 out[f"tokens{suffix}.npy"] = idx.cpu().numpy().astype(np.dtype(self.info["vq"]["dtype"]))
         return out
 
-    def encode_texts(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def _run_text(self, texts: list[str], all_states: bool):
+        """(model output, attention mask (N, L)) for captions padded to ``text_max_length``."""
         import torch
 
-        if "text" not in self.models:
-            return {}
         batch = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.text_max_length,
                                return_tensors="pt")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         with torch.no_grad(), self.autocast:
-            hidden = self.models["text"](input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        return {"text_emb.npy": hidden.cpu().numpy().astype(np.dtype(self.latent_dtype)),
-                "text_mask.npy": mask.cpu().numpy().astype(np.uint8)}
+            return self.models["text"](input_ids=ids, attention_mask=mask, output_hidden_states=all_states), mask
+
+    def _probe_text(self) -> dict:
+        """Check ``text_hidden_layer`` against the model and tell its pooling: 'pooler_output' when
+        the model pools (CLIP: the end-of-text state), 'mean' when it does not (T5) or when its
+        pooler is BERT's, a next-sentence head on [CLS] rather than a sentence embedding."""
+        out, mask = self._run_text([""], all_states=True)
+        n = len(out.hidden_states)
+        if not -n <= self.text_hidden_layer < n:
+            raise ValueError(f"build.text.hidden_layer={self.text_hidden_layer}, but {self.text} has {n} hidden "
+                             f"states (the embeddings and {n - 1} layers)")
+        bert_pooler = getattr(self.models["text"], "pooler", None) is not None
+        pooling = "pooler_output" if getattr(out, "pooler_output", None) is not None and not bert_pooler else "mean"
+        return {"pooling": pooling, "pooled_dim": self._pool(out, mask, pooling).shape[-1]}
+
+    @staticmethod
+    def _pool(out, mask, pooling: str):
+        """(N, D) pooled vectors: the model's own, or the attention-mask-weighted mean of the last states."""
+        if pooling == "pooler_output":
+            return out.pooler_output.float()
+        weights = mask.unsqueeze(-1).float()  # (N, L, 1)
+        return (out.last_hidden_state.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+    def encode_texts(self, captions: list[dict[str, str]]) -> dict[str, np.ndarray]:
+        """{member: (N, ...) array} for N samples' captions by kind: per kind K in ``text_captions``,
+        ``text_emb_K`` (N, L, D) hidden states, ``text_mask_K`` (N, L) and ``text_pooled_K`` (N, D)."""
+        if "text" not in self.models:
+            return {}
+        dtype, out = np.dtype(self.latent_dtype), {}
+        for kind in self.text_captions:
+            result, mask = self._run_text([c[kind] for c in captions], all_states=self.text_hidden_layer != -1)
+            layer = self.text_hidden_layer
+            hidden = result.last_hidden_state if layer == -1 else result.hidden_states[layer]  # (N, L, D)
+            out[f"text_emb_{kind}.npy"] = hidden.float().cpu().numpy().astype(dtype)
+            out[f"text_mask_{kind}.npy"] = mask.cpu().numpy().astype(np.uint8)
+            if self.text_pooled:
+                pooled = self._pool(result, mask, self.info["text"]["pooling"])
+                out[f"text_pooled_{kind}.npy"] = pooled.cpu().numpy().astype(dtype)
+        return out
 
 
 def load_text_encoder(model: str, subfolder: str | None = None, tokenizer_subfolder: str | None = None):
@@ -240,6 +281,25 @@ def save_tiny_vq(folder: str | Path, seed: int = 0, codebook_size: int = 256) ->
                     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                     layers_per_block=1, norm_num_groups=16, sample_size=64)
     model.save_pretrained(folder)
+    return str(Path(folder).resolve())
+
+
+def save_tiny_clip_text_encoder(folder: str | Path, seed: int = 0) -> str:
+    """A tiny CLIP text model (2 layers, width 32) with the synthetic world's word-level tokenizer,
+    whose [SEP] closes every caption as CLIP's end-of-text token does."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from recaption.tiny import world_tokenizer
+
+    tokenizer = world_tokenizer()
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, projection_dim=32,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                            pad_token_id=vocab["[PAD]"], bos_token_id=vocab["[CLS]"], eos_token_id=vocab["[SEP]"])
+    CLIPTextModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return str(Path(folder).resolve())
 
 

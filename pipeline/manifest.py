@@ -74,7 +74,8 @@ def write(folder: Path, build, planned: int) -> dict:
         "image": {"resolution": build.resolution, "crop": build.crop,
                   "buckets": [list(b) for b in target_sizes(build)], "flip": build.flip,
                   "keep_image": build.keep_image, "format": build.image_format if build.keep_image else None},
-        "captions": {"txt": build.txt_caption, "text_embedding": build.text.caption if build.text.model else None},
+        "captions": {"txt": build.txt_caption,
+                     "text_embedding": list(build.text.captions) if build.text.model else None},
         "members": members, "samples": sum(s["count"] for s in stats.values()),
         "bytes": sum(s["bytes"] for s in stats.values()), "failed": failed, "buckets": buckets,
         "planned_shards": planned, "complete": len(done) == planned,
@@ -130,7 +131,8 @@ def expected_members(data: dict) -> set[str]:
         if "vq" in enc:
             members.add(f"tokens{suffix}.npy")
     if "text" in enc:
-        members |= {"text_emb.npy", "text_mask.npy"}
+        parts = ["emb", "mask"] + (["pooled"] if enc["text"]["pooled"] else [])
+        members |= {f"text_{part}_{kind}.npy" for part in parts for kind in enc["text"]["captions"]}
     return members
 
 
@@ -145,10 +147,11 @@ def _expected_shape(member: str, size: list[int], data: dict) -> tuple[tuple, st
     if base == "tokens" and "vq" in enc:
         f = enc["vq"]["factor"]
         return (h // f, w // f), enc["vq"]["dtype"]
-    if base == "text_emb" and "text" in enc:
-        return (enc["text"]["max_length"], enc["text"]["dim"]), enc["text"]["dtype"]
-    if base == "text_mask" and "text" in enc:
-        return (enc["text"]["max_length"],), "uint8"
+    part, _, kind = base.removeprefix("text_").partition("_")
+    if base.startswith("text_") and "text" in enc and kind in enc["text"]["captions"]:
+        t = enc["text"]
+        return {"emb": ((t["max_length"], t["dim"]), t["dtype"]), "mask": ((t["max_length"],), "uint8"),
+                "pooled": ((t["pooled_dim"],), t["dtype"])}.get(part)
     return None
 
 

@@ -21,9 +21,10 @@ from conftest import tapir_cmd
 from PIL import Image, ImageOps
 
 from pipeline import shards
-from pipeline.build import BuildError, build, make_buckets, nearest_bucket
+from pipeline.build import CAPTION_MEMBERS, BuildError, build, make_buckets, nearest_bucket, plan_digest
 from pipeline.config import ConfigError, load_config
-from pipeline.encoders import save_tiny_kl, save_tiny_text_encoder, save_tiny_vq
+from pipeline.encoders import (load_text_encoder, save_tiny_clip_text_encoder, save_tiny_kl, save_tiny_text_encoder,
+                               save_tiny_vq)
 from pipeline.manifest import FingerprintMismatch, check_encoder, verify
 from pipeline.synthweb import write_curated_run
 
@@ -34,7 +35,8 @@ N_ROWS = 30  # 20 kept rows, 3 of them bad (corrupt image, missing image, no cap
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {"kl": save_tiny_kl(root / "kl"), "vq": save_tiny_vq(root / "vq"),
-            "text": save_tiny_text_encoder(root / "text"), "kl_other": save_tiny_kl(root / "kl-other", seed=1)}
+            "text": save_tiny_text_encoder(root / "text"), "clip_text": save_tiny_clip_text_encoder(root / "clip-text"),
+            "kl_other": save_tiny_kl(root / "kl-other", seed=1)}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,8 @@ def _copy_run(curated, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def built(curated, models, tmp_path_factory, local_ray):
-    """One build with every encoder: KL (mean and std, float32), VQ and T5 text embeddings."""
+    """One build with every encoder: KL (mean and std, float32), VQ and T5 text embeddings of the
+    default caption kinds (descriptive, alt_text)."""
     run = _copy_run(curated, tmp_path_factory.mktemp("built") / "run")
     cfg = _config(run, f"build.vae.model={models['kl']}", f"build.vq.model={models['vq']}",
                   f"build.text.model={models['text']}", "build.latent_dtype=float32")
@@ -90,9 +93,14 @@ def test_build_writes_every_kept_row_or_its_reason(built, curated):
     assert [s["samples"] for s in manifest["shards"]] == [3, 6, 6, 2]
     assert manifest["encoders"]["kl"]["scaling_factor"] == 0.5 and manifest["encoders"]["kl"]["shift_factor"] == 0.1
     assert manifest["encoders"]["vq"]["dtype"] == "uint8"  # 256 codes fit a byte
-    for member in ("jpg", "txt", "alt.txt", "short.txt", "descriptive.txt", "json", "latent_mean.npy",
-                   "latent_std.npy", "tokens.npy", "text_emb.npy", "text_mask.npy"):
-        assert member in manifest["members"]
+    kinds = ("descriptive", "alt_text")
+    text_members = [f"text_{part}_{kind}.npy" for part in ("emb", "mask", "pooled") for kind in kinds]
+    assert manifest["members"] == sorted(["jpg", "txt", "alt.txt", "short.txt", "descriptive.txt", "json",
+                                          "latent_mean.npy", "latent_std.npy", "tokens.npy", *text_members])
+    assert manifest["captions"]["text_embedding"] == ["descriptive", "alt_text"]
+    text = manifest["encoders"]["text"]
+    assert (text["captions"], text["hidden_layer"], text["pooled"], text["pooling"]) == (
+        ["descriptive", "alt_text"], -1, True, "mean")  # T5 has no pooler
     assert not any(name.split(".")[-1] in {"pyd", "pickle", "pkl", "pth", "pt"} for s in samples.values() for name in s)
     record = json.loads(samples[sorted(good)[0]]["json"])
     assert record["size"] == [64, 64] and record["scores"]["clip_score"] > 0
@@ -131,9 +139,68 @@ def test_stored_latents_and_tokens_match_direct_encoding(built, models):
         from_store = vae.decode(torch.from_numpy(mean)[None]).sample
         direct = vae.decode(dist.mean).sample
     torch.testing.assert_close(from_store, direct, rtol=1e-4, atol=1e-4)
-    emb = np.load(io.BytesIO(s["text_emb.npy"]), allow_pickle=False)
-    mask = np.load(io.BytesIO(s["text_mask.npy"]), allow_pickle=False)
-    assert emb.shape == (77, 32) and mask.dtype == np.uint8 and 3 < mask.sum() < 77
+
+
+def _load(member: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(member), allow_pickle=False)
+
+
+def _encode_directly(model: str, texts: list[str]):
+    """(model output with every hidden state, attention mask) as a trainer would compute them."""
+    tokenizer, encoder = load_text_encoder(model)
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        out = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    return out, batch["attention_mask"]
+
+
+def test_each_caption_kind_is_embedded_from_its_own_text(built, models):
+    cfg, _ = built
+    samples = _samples(cfg.shards_dir)
+    keys = sorted(samples)
+    for kind in ("descriptive", "alt_text"):
+        texts = [samples[k][CAPTION_MEMBERS[kind]].decode() for k in keys]
+        assert all(texts)
+        out, mask = _encode_directly(models["text"], texts)
+        weights = mask[..., None].float()  # T5 has no pooler: the mask-weighted mean of the last states
+        mean = (out.last_hidden_state * weights).sum(1) / weights.sum(1)
+        for i, key in enumerate(keys):
+            s = samples[key]
+            emb, stored_mask = _load(s[f"text_emb_{kind}.npy"]), _load(s[f"text_mask_{kind}.npy"])
+            assert emb.shape == (77, 32) and emb.dtype == np.float32 and stored_mask.dtype == np.uint8
+            np.testing.assert_allclose(emb, out.last_hidden_state[i].numpy(), rtol=1e-4, atol=1e-5)
+            assert (stored_mask == mask[i].numpy()).all() and 3 < stored_mask.sum() < 77
+            np.testing.assert_allclose(_load(s[f"text_pooled_{kind}.npy"]), mean[i].numpy(), rtol=1e-4, atol=1e-5)
+            assert json.loads(s["json"])["text_emb"] == {"descriptive": True, "alt_text": True}
+    assert not np.allclose(_load(samples[keys[0]]["text_emb_descriptive.npy"]),
+                           _load(samples[keys[0]]["text_emb_alt_text.npy"]))
+
+
+def test_clip_penultimate_layer_pooler_output_and_empty_captions(curated, models, tmp_path, local_ray):
+    run = _copy_run(curated, tmp_path / "run")
+    shutil.rmtree(run / "captions")  # alt-texts only: every short caption is empty
+    cfg = _config(run, f"build.text.model={models['clip_text']}", "build.text.captions=[short, alt_text]",
+                  "build.text.hidden_layer=-2", "build.latent_dtype=float32")
+    build(cfg)
+    assert verify(cfg.shards_dir, progress=False)[0] == []
+    manifest = json.loads((cfg.shards_dir / "manifest.json").read_text())
+    text = manifest["encoders"]["text"]
+    assert (text["class"], text["hidden_layer"], text["pooling"]) == ("CLIPTextModel", -2, "pooler_output")
+    assert manifest["captions"]["text_embedding"] == ["short", "alt_text"]
+    samples = _samples(cfg.shards_dir)
+    keys = sorted(samples)
+    texts = [samples[k]["alt.txt"].decode() for k in keys]
+    out, mask = _encode_directly(models["clip_text"], texts + [""])
+    penultimate = out.hidden_states[-2]
+    assert not torch.allclose(penultimate, out.last_hidden_state, atol=1e-3)
+    for i, key in enumerate(keys):
+        s = samples[key]
+        assert json.loads(s["json"])["text_emb"] == {"short": False, "alt_text": True}
+        np.testing.assert_allclose(_load(s["text_emb_alt_text.npy"]), penultimate[i].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(_load(s["text_pooled_alt_text.npy"]), out.pooler_output[i].numpy(),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(_load(s["text_emb_short.npy"]), penultimate[-1].numpy(), rtol=1e-4, atol=1e-5)
+        assert (_load(s["text_mask_short.npy"]) == mask[-1].numpy()).all()
 
 
 def test_fingerprint_mismatch_is_refused(built, models, tmp_path):
@@ -178,15 +245,17 @@ def _tamper(folder: Path, how: str) -> None:
     elif how == "flipped byte":
         data[len(data) // 3] ^= 0x40
         tar.write_bytes(bytes(data))
-    else:  # a removed member: rewrite the tar without one sample's latent
+    else:  # a removed member: rewrite the tar without one sample's latent or pooled text vector
         samples = shards.read_tar(tar)
         first = sorted(samples)[0]
-        del samples[first]["latent_mean.npy"]
+        member = {"removed member": "latent_mean.npy", "removed text member": "text_pooled_alt_text.npy"}[how]
+        del samples[first][member]
         shards.write_tar(tar, sorted(samples.items()))
 
 
 @pytest.mark.parametrize("how,expected", [
-    ("truncated", "truncated"), ("flipped byte", "sha256"), ("removed member", "missing ['latent_mean.npy']")])
+    ("truncated", "truncated"), ("flipped byte", "sha256"), ("removed member", "missing ['latent_mean.npy']"),
+    ("removed text member", "missing ['text_pooled_alt_text.npy']")])
 def test_verify_finds_damage(built, tmp_path, how, expected):
     cfg, _ = built
     folder = tmp_path / "shards"
@@ -419,3 +488,16 @@ def test_build_config_is_checked_before_work(tmp_path):
         _config(tmp_path, "build.crop=buckets", "build.bucket_step=128")
     with pytest.raises(ConfigError, match="build.crop"):
         _config(tmp_path, "build.crop=squash")
+    with pytest.raises(ConfigError, match="build.text.captions"):
+        _config(tmp_path, "build.text.captions=[]")
+    with pytest.raises(ConfigError, match="lists a kind twice"):
+        _config(tmp_path, "build.text.captions=[short, alt_text, short]")
+    with pytest.raises(ConfigError, match="build.text.captions"):
+        _config(tmp_path, "build.text.captions=[title]")
+
+
+def test_text_settings_change_the_plan_digest(tmp_path):
+    plan = pa.table({"key": ["a"], "shard": [0]})
+    digests = {plan_digest(plan, _config(tmp_path, *sets).build) for sets in (
+        [], ["build.text.captions=[descriptive]"], ["build.text.hidden_layer=-2"], ["build.text.pooled=false"])}
+    assert len(digests) == 4

@@ -11,7 +11,7 @@ shards than workers, where webdataset's per-shard split hangs DDP: webdataset #1
    are not trained on this epoch; the next epoch's permutation moves different samples there.
 3. A rank's S batches are split into contiguous blocks, one per loader worker (the first
    S mod workers blocks one batch longer); a shard may be split between ranks and workers,
-   each reading only its part.
+   each reading only its part. The DataLoader takes a batch from each worker in turn.
 4. Each worker shuffles through a seeded buffer, and draws per sample (seeded by the key and
    the epoch, so the draw never depends on position): the caption kind (``caption_probs``,
    falling back in ``caption_fallback`` order when the drawn kind is empty), caption dropout,
@@ -82,17 +82,19 @@ def worker_blocks(n_batches: int, workers: int) -> list[tuple[int, int]]:
     return blocks
 
 
-def worker_skips(blocks: list[tuple[int, int]], skip: int) -> list[int]:
-    """Batches each worker has delivered after the loader yielded ``skip`` batches: PyTorch's
-    DataLoader takes one batch from each worker in turn, passing over exhausted workers."""
+def worker_skips(blocks: list[tuple[int, int]], skip: int) -> tuple[list[int], int]:
+    """(batches each worker has delivered, the worker asked next) after the loader yielded
+    ``skip`` batches: PyTorch's DataLoader asks its workers in turn, passing over exhausted
+    ones. A resumed loader starts asking at worker 0 again, so worker w takes the role of
+    worker (next + w) mod workers, which keeps the order of an uninterrupted epoch."""
     sizes = [hi - lo for lo, hi in blocks]
-    done = [0] * len(blocks)
-    while skip > 0:
-        for w, n in enumerate(sizes):
-            if skip and done[w] < n:
-                done[w] += 1
-                skip -= 1
-    return done
+    done, turn = [0] * len(blocks), 0
+    for _ in range(min(skip, sum(sizes))):
+        while done[turn % len(blocks)] >= sizes[turn % len(blocks)]:
+            turn += 1
+        done[turn % len(blocks)] += 1
+        turn += 1
+    return done, turn % len(blocks)
 
 
 def _rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -192,8 +194,10 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         blocks = worker_blocks(self.n_batches, nw)
+        done, first = worker_skips(blocks, self.skip)
+        w = (first + w) % nw  # this worker's role in the epoch (see worker_skips)
         lo, hi = blocks[w]
-        skip = worker_skips(blocks, self.skip)[w]
+        skip = done[w]
         B = self.cfg.batch_size
         base = self.rank * (sum(self.counts) // self.world)
         order = shard_order(len(self.names), self.seed, self.epoch)

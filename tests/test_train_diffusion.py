@@ -1,0 +1,370 @@
+"""The diffusion trainer: objectives and samplers against diffusers, the data split across
+ranks and workers, caption blending, corrupt shards, overfitting, kill -9 and resume, DDP
+with gloo, export to a diffusers pipeline, fingerprint refusal."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tapir_cmd
+
+from pipeline import manifest
+from pipeline.config import ConfigError, load_config
+from pipeline.encoders import save_tiny_kl, save_tiny_text_encoder
+from training.config import DiffusionObjectiveConfig, TrainDataConfig
+from training.data import ShardStream, batches_per_rank, segments, worker_blocks, worker_skips
+from training.models import create_dit, forward
+from training.objectives import Objective, sample_latents, sampler, train_scheduler
+
+FAST = ["train_diffusion.data.batch_size=8", "train_diffusion.data.shuffle_buffer=16",
+        "train_diffusion.optim.lr=0.001", "train_diffusion.optim.warmup_steps=5", "train_diffusion.ema_decay=0.9",
+        "train_diffusion.sample.every=0", "train_diffusion.sample.steps=4", "train_diffusion.sample.cfg=2.0",
+        "train_diffusion.log_every=5"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, local_ray):
+    """Training shards from the real build stage: 51 samples in 4 uneven shards (13, 16, 16, 6),
+    tiny KL latents (mean and std) and tiny T5 embeddings of the descriptive and alt-text captions."""
+    from pipeline.build import build
+    from pipeline.synthweb import write_curated_run
+
+    root = tmp_path_factory.mktemp("train")
+    write_curated_run(root / "run", 80, per_shard=20)
+    models = {"kl": save_tiny_kl(root / "kl"), "text": save_tiny_text_encoder(root / "text"),
+              "kl_other": save_tiny_kl(root / "kl-other", seed=1)}
+    cfg = load_config(None, [f"output={root / 'run'}", "build.resolution=32", "build.samples_per_shard=16",
+                             "build.batch_size=16", f"build.vae.model={models['kl']}",
+                             f"build.text.model={models['text']}", "resources.num_cpus=2"])
+    build(cfg)
+    return root, cfg.shards_dir, models
+
+
+def _cfg(root: Path, out: str, *sets):
+    return load_config(None, [f"output={root / 'run'}", f"train_diffusion.output={root / out}", *FAST, *sets])
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- objectives and samplers --------------------------------------------------------------------
+
+def test_training_noise_equals_diffusers_and_the_papers():
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    eps = Objective(DiffusionObjectiveConfig(objective="epsilon"))
+    t, idx = eps.timesteps(6, torch.Generator().manual_seed(1), "cpu")
+    xt, target = eps.noisy(x0, noise, t, idx)
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    abar = ref.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(xt, ref.add_noise(x0, noise, t))
+    assert torch.allclose(xt, abar.sqrt() * x0 + (1 - abar).sqrt() * noise, atol=1e-6)  # DDPM Algorithm 1
+    assert torch.equal(target, noise)
+    v = Objective(DiffusionObjectiveConfig(objective="v"))
+    _, vt = v.noisy(x0, noise, t, idx)
+    assert torch.allclose(vt, abar.sqrt() * noise - (1 - abar).sqrt() * x0, atol=1e-6)
+    flow = Objective(DiffusionObjectiveConfig(objective="flow", flow_shift=3.0))
+    ft, fidx = flow.timesteps(6, torch.Generator().manual_seed(2), "cpu")
+    fxt, ftarget = flow.noisy(x0, noise, ft, fidx)
+    fref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sigma = fref.sigmas[fidx].view(-1, 1, 1, 1)
+    assert torch.allclose(fxt, fref.scale_noise(x0, ft, noise))
+    assert torch.allclose(fxt, sigma * noise + (1 - sigma) * x0, atol=1e-6)
+    assert torch.equal(ftarget, noise - x0)
+    snr = Objective(DiffusionObjectiveConfig(objective="epsilon", min_snr_gamma=5.0))
+    w = snr.weights(t)
+    s = abar / (1 - abar)
+    assert torch.allclose(w, torch.clamp(s.view(-1), max=5.0) / s.view(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("objective,name", [("epsilon", "ddpm"), ("v", "ddim"), ("flow", "euler")])
+def test_guided_sampling_equals_diffusers_scheduler_steps(objective, name):
+    torch.manual_seed(0)
+    model = create_dit("tiny", 4, 8, 16).eval()
+    for p in model.parameters():  # leave adaLN-Zero's zeros, or the model predicts nothing
+        torch.nn.init.normal_(p, std=0.05)
+    text, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.long)
+    null, null_mask = torch.zeros(1, 5, 16), torch.ones(1, 5, dtype=torch.long)
+    train = train_scheduler(DiffusionObjectiveConfig(objective=objective))
+    got = sample_latents(model, sampler(name, train, 5), text, mask, null, null_mask, (2, 4, 8, 8), 3.0,
+                         torch.Generator().manual_seed(7))
+    sched, gen = sampler(name, train, 5), torch.Generator().manual_seed(7)  # by hand: DDPM Algorithm 2 & co.
+    x = torch.randn(2, 4, 8, 8, generator=gen) * getattr(sched, "init_noise_sigma", 1.0)
+    for t in sched.timesteps:
+        with torch.no_grad():
+            c = forward(model, x, t.expand(2), text, mask)
+            u = forward(model, x, t.expand(2), null.expand(2, -1, -1), null_mask.expand(2, -1))
+        x = sched.step(u + 3.0 * (c - u), t, x, generator=gen).prev_sample
+    assert torch.allclose(got, x, atol=1e-4)
+    with pytest.raises(ValueError, match="does not fit"):
+        sampler("euler" if objective != "flow" else "ddim", train, 5)
+
+
+# -- data across ranks and workers --------------------------------------------------------------
+
+@pytest.mark.parametrize("counts,world,workers,batch", [([13, 16, 16, 6], 2, 2, 8), ([3], 2, 3, 1),
+                                                         ([50, 1, 1, 7], 3, 4, 4), ([5, 5], 1, 4, 2)])
+def test_every_rank_and_worker_gets_exact_disjoint_batches(counts, world, workers, batch):
+    n = batches_per_rank(sum(counts), world, batch)
+    order = np.random.default_rng(0).permutation(len(counts)).tolist()
+    seen = []
+    for rank in range(world):
+        blocks = worker_blocks(n, workers)
+        assert sum(hi - lo for lo, hi in blocks) == n
+        for lo, hi in blocks:
+            base = rank * (sum(counts) // world)
+            segs = segments(counts, order, base + lo * batch, base + hi * batch)
+            assert sum(s.stop - s.start for s in segs) == (hi - lo) * batch
+            seen += [(s.shard, i) for s in segs for i in range(s.start, s.stop)]
+    assert len(seen) == len(set(seen)) == world * n * batch  # disjoint; the remainder is < world*(batch+1)
+    assert sum(counts) - len(seen) < world * (batch + 1)
+
+
+def test_worker_skips_follow_the_dataloader_round_robin():
+    blocks = worker_blocks(7, 3)  # 3, 2, 2 batches
+    assert blocks == [(0, 3), (3, 5), (5, 7)]
+    assert worker_skips(blocks, 0) == ([0, 0, 0], 0)
+    assert worker_skips(blocks, 4) == ([2, 1, 1], 1)  # worker 1 is asked next
+    assert worker_skips(blocks, 6) == ([2, 2, 2], 0)
+    assert worker_skips(blocks, 7) == ([3, 2, 2], 1)
+
+
+def test_uneven_shards_across_ranks_and_workers_read_through_the_real_loader(shards):
+    _, folder, _ = shards
+    m = manifest.load(folder)
+    cfg = TrainDataConfig(batch_size=4, workers=3, shuffle_buffer=8)
+    keys_per_rank = []
+    for rank in range(3):
+        stream = ShardStream(folder, m, cfg, seed=1, world=3, rank=rank)
+        from training.data import loader
+
+        batches = list(loader(stream))
+        assert len(batches) == stream.n_batches == batches_per_rank(51, 3, 4) == 4
+        assert all(len(b["key"]) == 4 and not b["faults"] for b in batches)
+        keys_per_rank.append([k for b in batches for k in b["key"]])
+    flat = [k for ks in keys_per_rank for k in ks]
+    assert len(flat) == len(set(flat)) == 48
+    again = [k for b in loader(ShardStream(folder, m, cfg, seed=1, world=3, rank=0)) for k in b["key"]]
+    assert again == keys_per_rank[0]  # seeded: the same order every time
+    for skip in (1, 2, 3):  # a resumed epoch continues in the uninterrupted order
+        skipped = ShardStream(folder, m, cfg, seed=1, world=3, rank=0)
+        skipped.set_epoch(0, skip=skip)
+        assert [k for b in loader(skipped) for k in b["key"]] == keys_per_rank[0][4 * skip:]
+
+
+def test_caption_kinds_match_the_configured_probabilities(shards):
+    _, folder, _ = shards
+    m = manifest.load(folder)
+    probs = {"descriptive": 0.6, "short": 0.3, "alt_text": 0.1}
+    cfg = TrainDataConfig(batch_size=51, workers=0, caption_probs=probs, caption_dropout=0.2)
+    stream = ShardStream(folder, m, cfg, seed=0)
+    kinds, drops, n = Counter(), 0, 0
+    for epoch in range(40):
+        stream.set_epoch(epoch)
+        batch = next(iter(stream))
+        for key, kind, drop in zip(batch["key"], batch["kind"], batch["drop"].tolist()):
+            kinds[kind] += 1
+            drops += drop
+            n += 1
+    for kind, p in probs.items():  # every sample of the synthetic run has all three kinds
+        sigma = (p * (1 - p) / n) ** 0.5
+        assert abs(kinds[kind] / n - p) < 4 * sigma, (kind, kinds[kind] / n)
+    assert abs(drops / n - 0.2) < 4 * (0.16 / n) ** 0.5
+
+
+def test_missing_caption_kinds_fall_back_in_the_stated_order(shards):
+    _, folder, _ = shards
+    stream = ShardStream(folder, manifest.load(folder), TrainDataConfig(
+        batch_size=8, workers=0, caption_probs={"descriptive": 1.0}, caption_fallback=["short", "alt_text"],
+        caption_dropout=0), seed=0)
+    raw = {"__key__": "k", "descriptive.txt": b"", "short.txt": b"", "alt.txt": b"an alt text",
+           "latent_mean.npy": _npy(np.zeros((4, 8, 8), np.float16)), "latent_std.npy": _npy(np.ones((4, 8, 8), np.float16))}
+    assert stream._decode(raw)["kind"] == "alt_text"
+    raw["short.txt"] = b"short one"
+    assert stream._decode(raw)["caption"] == "short one"
+
+
+def _npy(arr):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def test_a_corrupt_and_a_truncated_shard_are_skipped_and_counted(shards, tmp_path, caplog):
+    _, folder, _ = shards
+    bad = tmp_path / "shards"
+    shutil.copytree(folder, bad)
+    (bad / "00001.tar").write_bytes(b"this is not a tar file" * 100)
+    data = (bad / "00002.tar").read_bytes()
+    (bad / "00002.tar").write_bytes(data[:len(data) // 2 + 100])  # cut inside a member
+    from pipeline import shards as shard_io
+
+    kept = sorted(shard_io.read_tar(bad / "00000.tar").items())[:5]
+    shard_io.write_tar(bad / "00000.tar", kept)  # a complete tar holding 5 of its 13 samples
+    m = manifest.load(bad)
+    stream = ShardStream(bad, m, TrainDataConfig(batch_size=4, workers=0, shuffle_buffer=4), seed=0)
+    from training.data import loader
+
+    batches = list(loader(stream))
+    assert len(batches) == stream.n_batches == 12  # the same number of batches: spares make up the loss
+    faults = [f for b in batches for f in b["faults"]]
+    assert any(f.startswith("00001.tar: unreadable") for f in faults)
+    assert any(f.startswith("00002.tar: unreadable") and "end of data" in f for f in faults)
+    assert any(f.startswith("00000.tar: ends after 5 samples, the manifest says 13") for f in faults)
+    assert "00001.tar" in caplog.text and "00000.tar" in caplog.text
+    assert all(len(b["key"]) == 4 for b in batches)
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(shards):
+    """One uninterrupted CLI run of 20 steps with 2 loader workers (the reference for resume)."""
+    root, _, _ = shards
+    cfg = _cfg(root, "ref", "train_diffusion.max_steps=20", "train_diffusion.checkpoint_every=5",
+               "train_diffusion.data.workers=2")
+    path = root / "ref.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = subprocess.run(tapir_cmd("train-diffusion", path), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "ref", path, out.stdout
+
+
+def test_cli_run_writes_checkpoints_samples_logs_and_counts_caption_kinds(trained):
+    run, _, stdout = trained
+    assert "trained 20 steps" in stdout and "descriptive" in stdout
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == \
+        ["step-00000010", "step-00000015", "step-00000020"]  # keep_checkpoints=3
+    ckpt = run / "checkpoints" / "step-00000020"
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "ema.safetensors", "optimizer.safetensors",
+                                                 "state.json"}
+    assert (run / "samples" / "step-00000020.png").exists()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    summary = json.loads((run / "rank-0.json").read_text())
+    kinds = summary["caption_kinds"]
+    assert sum(kinds.values()) == 20 * 8 and kinds["descriptive"] > kinds.get("alt_text", 0)
+    assert len(_losses(run)) == 20
+
+
+def test_kill_9_then_resume_repeats_the_uninterrupted_losses(trained, tmp_path):
+    ref, path, _ = trained
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data["train_diffusion"]["output"] = str(tmp_path / "killed")
+    cfg_path = tmp_path / "killed.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen(tapir_cmd("train-diffusion", cfg_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (tmp_path / "killed" / "checkpoints" / "step-00000010").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "checkpoints" / "step-00000020").exists()
+    out = subprocess.run(tapir_cmd("train-diffusion", cfg_path), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--resume" in out.stderr  # never silently restarts over checkpoints
+    out = subprocess.run(tapir_cmd("train-diffusion", cfg_path, "--resume"), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _losses(tmp_path / "killed") == _losses(ref)  # exactly, step for step
+
+
+def test_a_tiny_dit_overfits_a_handful_of_latents(shards):
+    """51 samples, batch 16, lr 1e-3, no caption dropout: the mean loss of the last 20 of 300
+    steps is at most a third of the first 20's (measured: about a fifth)."""
+    from training.diffusion import train_diffusion
+
+    root, _, _ = shards
+    cfg = _cfg(root, "overfit", "train_diffusion.max_steps=300", "train_diffusion.data.batch_size=16",
+               "train_diffusion.data.caption_dropout=0", "train_diffusion.checkpoint_every=1000",
+               "train_diffusion.data.workers=0", "train_diffusion.log_every=100")
+    train_diffusion(cfg)
+    losses = _losses(root / "overfit")
+    assert np.mean(losses[-20:]) < np.mean(losses[:20]) / 3, (np.mean(losses[:20]), np.mean(losses[-20:]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_with_gloo_on_uneven_shards_ends_with_equal_steps(shards, tmp_path):
+    root, _, _ = shards
+    cfg = _cfg(root, "ddp", "train_diffusion.max_steps=14", "train_diffusion.checkpoint_every=7",
+               "train_diffusion.data.batch_size=4", "train_diffusion.data.workers=2")
+    import yaml
+
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "pipeline.cli", "train-diffusion",
+           str(path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-4000:]
+    ranks = [json.loads((root / "ddp" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 14
+    # 51 samples: 25 per rank, 6 batches of 4; 14 steps = 2 epochs and 2 batches on each rank
+    assert [(r["batches_per_epoch"], r["epoch"], r["batch_in_epoch"]) for r in ranks] == [(6, 2, 2)] * 2
+    assert (root / "ddp" / "checkpoints" / "step-00000014").exists()
+
+
+def test_the_exported_pipeline_loads_with_diffusers_and_samples_like_tapir_sample(trained, tmp_path):
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    run, _, _ = trained
+    png = tmp_path / "grid.png"
+    out = subprocess.run(tapir_cmd("sample", run, "--prompt", "a red circle", "--steps", "4", "--cfg", "2",
+                                   "--seed", "3", "--out", png), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ours = np.asarray(Image.open(png).convert("RGB"))  # one image: make_grid adds no padding
+    pipe = DiffusionPipeline.from_pretrained(run / "pipeline")
+    assert type(pipe).__name__ == "PixArtAlphaPipeline"
+    theirs = pipe("a red circle", num_inference_steps=4, guidance_scale=2.0, height=32, width=32,
+                  use_resolution_binning=False, max_sequence_length=77, output_type="np",
+                  generator=torch.Generator().manual_seed(3)).images[0]
+    assert ours.shape == theirs.shape == (32, 32, 3)
+    # same weights (EMA), scheduler, text encoder and VAE (its shift folded in): equal up to rounding
+    assert np.abs(ours.astype(float) - theirs * 255).max() <= 2.0
+
+
+def test_a_shard_from_another_autoencoder_is_refused_naming_it(shards):
+    from pipeline.manifest import FingerprintMismatch
+    from training.diffusion import train_diffusion
+
+    root, _, models = shards
+    cfg = _cfg(root, "refused", "train_diffusion.max_steps=1", f"train_diffusion.vae={models['kl_other']}")
+    with pytest.raises(FingerprintMismatch, match=r"shard 00000\.tar .* fingerprint"):
+        train_diffusion(cfg)
+    assert not (root / "refused" / "checkpoints").exists()
+
+
+def test_training_config_is_checked_before_work():
+    with pytest.raises(ConfigError, match="min_snr_gamma"):
+        load_config(None, ["output=x", "train_diffusion.diffusion.objective=flow",
+                           "train_diffusion.diffusion.min_snr_gamma=5"])
+    with pytest.raises(ConfigError, match="caption_probs"):
+        load_config(None, ["output=x", "train_diffusion.data.caption_probs={descriptive: 0}"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(None, ["output=x", "train_diffusion.data.captionprobs={descriptive: 1}"])
