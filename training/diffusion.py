@@ -245,6 +245,7 @@ class Trainer:
         result = {"eval/clip_score": self.evaluator.clip_score(fake, self.eval_prompts),
                   "eval/frechet": self.evaluator.frechet(self.real, fake)}
         self.metrics.scalars(self.step, result)
+        self.metrics.record("eval.jsonl", {"step": self.step, **result, "features": self.evaluator.feature_name})
         log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return result
 
@@ -274,7 +275,6 @@ class Trainer:
         summary = {"steps": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                    "rank": d.rank, "world": d.world, "caption_kinds": dict(self.kinds),
                    "faults": self.faults, "batches_per_epoch": self.stream.n_batches}
-        (self.out / f"rank-{d.rank}.json").write_text(json.dumps(summary, indent=1))
         if d.main:
             with self.ema.swapped():
                 esd, _ = D.full_state(self.model)
@@ -286,6 +286,7 @@ class Trainer:
             export_pipeline(self.out / "pipeline", module, self.vae, self.text.source, self.objective.scheduler,
                             self.t.sample.sampler)
             summary["pipeline"] = str(self.out / "pipeline")
+        (self.out / f"rank-{d.rank}.json").write_text(json.dumps(summary, indent=1))
         self.metrics.close()
         D.barrier(d)
         return summary

@@ -89,6 +89,12 @@ class Metrics:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
 
+    def record(self, name: str, values: dict) -> None:
+        """Append one JSON line to another file of the run folder (e.g. eval.jsonl)."""
+        if self.enabled:
+            with open(self.path.parent / name, "a") as f:
+                f.write(json.dumps(values) + "\n")
+
     def scalars(self, step: int, values: dict) -> None:
         if self.writer is not None:
             for k, v in values.items():
