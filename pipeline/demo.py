@@ -16,13 +16,14 @@ def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: l
     from pipeline import ray_backend
     from pipeline.build import build
     from pipeline.download import download
-    from pipeline.encoders import save_tiny_kl, save_tiny_vq
+    from pipeline.encoders import save_tiny_kl, save_tiny_text_encoder, save_tiny_vq
     from pipeline.report import format_stage, report
     from pipeline.recaption import recaption
     from pipeline.score import score
     from recaption.tiny import save_tiny_blip
     from pipeline.select import check_rules, select
     from pipeline.synthweb import WebServer, build_world
+    from training.diffusion import train_diffusion
 
     output = Path(output).resolve()
     if output.exists():
@@ -40,9 +41,11 @@ def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: l
         captioner = save_tiny_blip(output / "models" / "tiny-blip")  # likewise a tiny captioner
         vae = save_tiny_kl(output / "models" / "tiny-kl")  # and a tiny KL autoencoder and VQ tokenizer
         vq = save_tiny_vq(output / "models" / "tiny-vq")
+        text = save_tiny_text_encoder(output / "models" / "tiny-t5")  # and a tiny T5 text encoder
         cfg = load_config(config, [f"output={output}", f"input.path={urls}", f"score.clip.model={clip}",
                                    "score.clip.pretrained=null", f"recaption.model={captioner}",
-                                   f"build.vae.model={vae}", f"build.vq.model={vq}", *overrides])
+                                   f"build.vae.model={vae}", f"build.vq.model={vq}", f"build.text.model={text}",
+                                   *overrides])
         check_rules(cfg)
         try:
             download(cfg)
@@ -50,6 +53,8 @@ def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: l
             select(cfg)
             recaption(cfg)
             build(cfg)
+            log.info("training a tiny DiT on %s", cfg.shards_dir)
+            trained = train_diffusion(cfg)
         finally:
             ray_backend.shutdown()
     funnel, path = report(output)
@@ -65,6 +70,8 @@ def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: l
     print(f"  captions:   {cfg.captions_dir}  (descriptive, short, provenance)")
     print(f"  shards:     {cfg.shards_dir}  (NNNNN.tar with latents and tokens, manifest.json; "
           f"check with `tapir verify {cfg.shards_dir}`)")
+    print(f"  diffusion:  {cfg.diffusion_dir}  ({trained['steps']} steps; samples/, tb/ for TensorBoard, "
+          f"pipeline/ loads with diffusers)")
     print(f"  funnel:     {path}")
-    print(f"  report:     {path.parent / 'index.html'}  (histograms, kept/dropped grid)")
+    print(f"  report:     {path.parent / 'index.html'}  (histograms, kept/dropped grid, loss curve, samples)")
     return 0 if funnel["download"]["lineage_ok"] else 1

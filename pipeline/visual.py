@@ -171,6 +171,31 @@ def caption_visuals(run_dir: Path, out: Path, n: int = 8) -> list[Path]:
     return [hist, grid_path]
 
 
+def training_visuals(run: Path, out: Path) -> tuple[Path, Path] | None:
+    """The loss curve of a training run folder and its newest sample grid, copied beside the report."""
+    import shutil
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grids = sorted((run / "samples").glob("step-*.png"))
+    if not (run / "metrics.jsonl").exists() or not grids:
+        return None
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"train-diffusion loss ({run.name})")
+    fig.tight_layout()
+    curve = out / "diffusion_loss.png"
+    fig.savefig(curve, dpi=100)
+    plt.close(fig)
+    samples = out / f"diffusion_{grids[-1].name}"
+    shutil.copyfile(grids[-1], samples)
+    return curve, samples
+
+
 def write_visuals(run_dir: Path, funnel: dict, out: Path) -> Path:
     from pipeline.report import format_stage
 
@@ -191,6 +216,11 @@ def write_visuals(run_dir: Path, funnel: dict, out: Path) -> Path:
         hist, captions = caption_visuals(run_dir, out)
         parts.append(f'<h2>Captions</h2><img src="{hist.name}" alt="caption lengths">'
                      f'<br><img src="{captions.name}" alt="captions">')
+    training = training_visuals(run_dir / "runs" / "diffusion", out)
+    if training:
+        curve, samples = training
+        parts.append(f'<h2>Diffusion training</h2><img src="{curve.name}" alt="loss">'
+                     f'<br><img src="{samples.name}" alt="samples of the held-out prompts (EMA)">')
     parts.append(f"<h2>funnel.json</h2><pre>{html.escape(json.dumps(funnel, indent=2))}</pre>")
     page = out / "index.html"
     page.write_text("\n".join(parts))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from pipeline import manifest
 from pipeline.config import ConfigError, load_config
 from pipeline.encoders import save_tiny_kl, save_tiny_text_encoder
 from training.config import DiffusionObjectiveConfig, TrainDataConfig
-from training.data import ShardStream, batches_per_rank, segments, worker_blocks, worker_skips
+from training.data import ShardStream, batches_per_rank, loader, resume_roles, segments, worker_blocks
 from training.models import create_dit, forward
 from training.objectives import Objective, sample_latents, sampler, train_scheduler
 
@@ -133,13 +134,11 @@ def test_every_rank_and_worker_gets_exact_disjoint_batches(counts, world, worker
     assert sum(counts) - len(seen) < world * (batch + 1)
 
 
-def test_worker_skips_follow_the_dataloader_round_robin():
-    blocks = worker_blocks(7, 3)  # 3, 2, 2 batches
-    assert blocks == [(0, 3), (3, 5), (5, 7)]
-    assert worker_skips(blocks, 0) == ([0, 0, 0], 0)
-    assert worker_skips(blocks, 4) == ([2, 1, 1], 1)  # worker 1 is asked next
-    assert worker_skips(blocks, 6) == ([2, 2, 2], 0)
-    assert worker_skips(blocks, 7) == ([3, 2, 2], 1)
+def test_resume_roles_follow_the_dataloader_round_robin():
+    assert worker_blocks(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert resume_roles(0, 3) == ([0, 0, 0], 0)
+    assert resume_roles(4, 3) == ([2, 1, 1], 1)  # worker 1 is asked next
+    assert resume_roles(6, 3) == ([2, 2, 2], 0)
 
 
 def test_uneven_shards_across_ranks_and_workers_read_through_the_real_loader(shards):
@@ -149,20 +148,20 @@ def test_uneven_shards_across_ranks_and_workers_read_through_the_real_loader(sha
     keys_per_rank = []
     for rank in range(3):
         stream = ShardStream(folder, m, cfg, seed=1, world=3, rank=rank)
-        from training.data import loader
-
+        stream.set_start(0, epochs=1)
         batches = list(loader(stream))
         assert len(batches) == stream.n_batches == batches_per_rank(51, 3, 4) == 4
         assert all(len(b["key"]) == 4 and not b["faults"] for b in batches)
         keys_per_rank.append([k for b in batches for k in b["key"]])
     flat = [k for ks in keys_per_rank for k in ks]
     assert len(flat) == len(set(flat)) == 48
-    again = [k for b in loader(ShardStream(folder, m, cfg, seed=1, world=3, rank=0)) for k in b["key"]]
-    assert again == keys_per_rank[0]  # seeded: the same order every time
-    for skip in (1, 2, 3):  # a resumed epoch continues in the uninterrupted order
+    forever = [k for b in islice(loader(ShardStream(folder, m, cfg, seed=1, world=3, rank=0)), 10)
+               for k in b["key"]]  # the trainer's mode: workers stream epoch after epoch
+    assert len(forever) == 40 and set(forever[:16]) == set(keys_per_rank[0])  # seeded: the same samples
+    for skip in (1, 2, 3, 5, 7):  # a resumed run continues in the uninterrupted order
         skipped = ShardStream(folder, m, cfg, seed=1, world=3, rank=0)
-        skipped.set_epoch(0, skip=skip)
-        assert [k for b in loader(skipped) for k in b["key"]] == keys_per_rank[0][4 * skip:]
+        skipped.set_start(skip)
+        assert [k for b in islice(loader(skipped), 10 - skip) for k in b["key"]] == forever[4 * skip:]
 
 
 def test_caption_kinds_match_the_configured_probabilities(shards):
@@ -170,11 +169,9 @@ def test_caption_kinds_match_the_configured_probabilities(shards):
     m = manifest.load(folder)
     probs = {"descriptive": 0.6, "short": 0.3, "alt_text": 0.1}
     cfg = TrainDataConfig(batch_size=51, workers=0, caption_probs=probs, caption_dropout=0.2)
-    stream = ShardStream(folder, m, cfg, seed=0)
+    stream = ShardStream(folder, m, cfg, seed=0)  # one batch per epoch: 40 epochs of draws
     kinds, drops, n = Counter(), 0, 0
-    for epoch in range(40):
-        stream.set_epoch(epoch)
-        batch = next(iter(stream))
+    for batch in islice(iter(stream), 40):
         for key, kind, drop in zip(batch["key"], batch["kind"], batch["drop"].tolist()):
             kinds[kind] += 1
             drops += drop
@@ -192,9 +189,9 @@ def test_missing_caption_kinds_fall_back_in_the_stated_order(shards):
         caption_dropout=0), seed=0)
     raw = {"__key__": "k", "descriptive.txt": b"", "short.txt": b"", "alt.txt": b"an alt text",
            "latent_mean.npy": _npy(np.zeros((4, 8, 8), np.float16)), "latent_std.npy": _npy(np.ones((4, 8, 8), np.float16))}
-    assert stream._decode(raw)["kind"] == "alt_text"
+    assert stream._decode(raw, 0)["kind"] == "alt_text"
     raw["short.txt"] = b"short one"
-    assert stream._decode(raw)["caption"] == "short one"
+    assert stream._decode(raw, 0)["caption"] == "short one"
 
 
 def _npy(arr):
@@ -218,8 +215,7 @@ def test_a_corrupt_and_a_truncated_shard_are_skipped_and_counted(shards, tmp_pat
     shard_io.write_tar(bad / "00000.tar", kept)  # a complete tar holding 5 of its 13 samples
     m = manifest.load(bad)
     stream = ShardStream(bad, m, TrainDataConfig(batch_size=4, workers=0, shuffle_buffer=4), seed=0)
-    from training.data import loader
-
+    stream.set_start(0, epochs=1)
     batches = list(loader(stream))
     assert len(batches) == stream.n_batches == 12  # the same number of batches: spares make up the loss
     faults = [f for b in batches for f in b["faults"]]
@@ -290,7 +286,7 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_losses(trained, tmp_path):
 
 def test_a_tiny_dit_overfits_a_handful_of_latents(shards):
     """51 samples, batch 16, lr 1e-3, no caption dropout: the mean loss of the last 20 of 300
-    steps is at most a third of the first 20's (measured: about a fifth)."""
+    steps is at most a third of the first 20's (measured: 0.83 to 0.18, a factor of 4.5)."""
     from training.diffusion import train_diffusion
 
     root, _, _ = shards

@@ -19,8 +19,9 @@ shards than workers, where webdataset's per-shard split hangs DDP: webdataset #1
 
 A shard that cannot be read, or ends early, is skipped with a warning naming it and counted
 (``faults`` in each batch); the worker makes up the missing samples from the shards after its
-range, so the batch count never changes. Resume: ``set_epoch(epoch, skip)`` replays the epoch's
-order and drops the first ``skip`` batches, giving exactly the batches an uninterrupted run sees.
+range, so the batch count never changes. Workers stream epoch after epoch (one DataLoader per
+run). Resume: ``set_start(consumed)`` replays each worker's current epoch and drops what it had
+delivered, giving exactly the batches an uninterrupted run sees.
 """
 
 from __future__ import annotations
@@ -82,19 +83,12 @@ def worker_blocks(n_batches: int, workers: int) -> list[tuple[int, int]]:
     return blocks
 
 
-def worker_skips(blocks: list[tuple[int, int]], skip: int) -> tuple[list[int], int]:
+def resume_roles(consumed: int, workers: int) -> tuple[list[int], int]:
     """(batches each worker has delivered, the worker asked next) after the loader yielded
-    ``skip`` batches: PyTorch's DataLoader asks its workers in turn, passing over exhausted
-    ones. A resumed loader starts asking at worker 0 again, so worker w takes the role of
-    worker (next + w) mod workers, which keeps the order of an uninterrupted epoch."""
-    sizes = [hi - lo for lo, hi in blocks]
-    done, turn = [0] * len(blocks), 0
-    for _ in range(min(skip, sum(sizes))):
-        while done[turn % len(blocks)] >= sizes[turn % len(blocks)]:
-            turn += 1
-        done[turn % len(blocks)] += 1
-        turn += 1
-    return done, turn % len(blocks)
+    ``consumed`` batches. Workers stream forever (epoch after epoch), so PyTorch's DataLoader,
+    which asks them in turn, takes batch g from worker g mod workers. A resumed loader starts
+    asking at worker 0 again, so worker w takes the role of worker (next + w) mod workers."""
+    return [consumed // workers + (r < consumed % workers) for r in range(workers)], consumed % workers
 
 
 def _rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -128,14 +122,12 @@ class ShardStream(IterableDataset):
         kinds = list(cfg.caption_probs)
         probs = np.array([cfg.caption_probs[k] for k in kinds], dtype=np.float64)
         self.kinds, self.probs = kinds, probs / probs.sum()
-        self.epoch, self.skip = 0, 0
+        self.consumed, self.epochs = 0, None
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """The epoch to iterate next, and how many of its batches to drop (resume)."""
-        self.epoch, self.skip = epoch, skip
-
-    def __len__(self) -> int:
-        return self.n_batches - self.skip
+    def set_start(self, consumed: int = 0, epochs: int | None = None) -> None:
+        """Start after ``consumed`` batches of this rank (resume); stop after ``epochs`` epochs
+        (None: stream forever, one DataLoader for the whole run, its workers kept alive)."""
+        self.consumed, self.epochs = consumed, epochs
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, shard: int, start: int, stop: int | None, faults: list[str]) -> Iterator[dict]:
@@ -170,9 +162,9 @@ class ShardStream(IterableDataset):
                 yield from self._read(s, 0, None, faults if lap == 0 else [])
         raise RuntimeError(f"no readable samples left in {self.folder}")
 
-    def _decode(self, raw: dict) -> dict:
+    def _decode(self, raw: dict, epoch: int) -> dict:
         key = raw["__key__"]
-        rng = _rng(self.seed, self.epoch, key)
+        rng = _rng(self.seed, epoch, key)
         texts = {k: raw[m].decode("utf-8").strip() for k, m in CAPTION_MEMBERS.items() if m in raw}
         kind = self.kinds[rng.choice(len(self.kinds), p=self.probs)]
         if not texts.get(kind):
@@ -193,17 +185,24 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
-        blocks = worker_blocks(self.n_batches, nw)
-        done, first = worker_skips(blocks, self.skip)
-        w = (first + w) % nw  # this worker's role in the epoch (see worker_skips)
-        lo, hi = blocks[w]
-        skip = done[w]
+        delivered, first = resume_roles(self.consumed, nw)
+        role = (first + w) % nw  # see resume_roles
+        lo, hi = worker_blocks(self.n_batches, nw)[role]
+        if hi == lo:
+            raise ValueError(f"{nw} loader workers for {self.n_batches} batches: use at most that many workers")
+        epoch, skip = divmod(delivered[role], hi - lo)
+        while self.epochs is None or epoch < self.epochs:
+            yield from self._epoch(epoch, role, lo, hi, skip)
+            epoch, skip = epoch + 1, 0
+
+    def _epoch(self, epoch: int, role: int, lo: int, hi: int, skip: int) -> Iterator[dict]:
+        """Batches lo..hi-1 of this rank in ``epoch``, the first ``skip`` read but not yielded."""
         B = self.cfg.batch_size
         base = self.rank * (sum(self.counts) // self.world)
-        order = shard_order(len(self.names), self.seed, self.epoch)
+        order = shard_order(len(self.names), self.seed, epoch)
         faults: list[str] = []
         source = self._source(segments(self.counts, order, base + lo * B, base + hi * B), order, faults)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, w])
+        rng = np.random.default_rng([self.seed, epoch, self.rank, role])
         buffer: list[dict] = []
         for b in range(hi - lo):
             batch = []
@@ -214,7 +213,7 @@ class ShardStream(IterableDataset):
                 buffer[i], buffer[-1] = buffer[-1], buffer[i]
                 raw = buffer.pop()
                 try:
-                    batch.append(self._decode(raw))
+                    batch.append(self._decode(raw, epoch))
                 except (KeyError, ValueError, OSError) as e:
                     faults.append(f"{raw['__shard__']} sample {raw['__key__']}: {type(e).__name__}: {e}; "
                                   "skipped")
@@ -237,8 +236,9 @@ def collate(samples: list[dict], faults: list[str]) -> dict:
 
 
 def loader(stream: ShardStream) -> DataLoader:
-    """A DataLoader over a ShardStream's batches (batching happens in the workers)."""
-    workers = stream.workers if stream.cfg.workers else 0
+    """A DataLoader over a ShardStream's batches (batching happens in the workers; at most one
+    worker per batch of an epoch)."""
+    workers = min(stream.workers, stream.n_batches) if stream.cfg.workers else 0
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 

@@ -85,7 +85,7 @@ class Trainer:
         self.lr = lr_lambda(o, t.max_steps)
         self.objective = Objective(t.diffusion)
         self.stream = ShardStream(self.shards, manifest, t.data, t.seed, self.d.world, self.d.rank, self.text.kinds)
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.step, self.batches = 0, 0  # optimizer steps; micro-batches read by this rank
         self.kinds: Counter = Counter()
         self.faults: list[str] = []
         self._start(resume)
@@ -110,10 +110,14 @@ class Trainer:
             with self.ema.swapped():
                 D.load_full_state(self.model, state["ema"])
             s = state["state"]
-            self.step, self.epoch, self.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
+            then = (s["world"], s["batch_size"], s["workers"])
+            now = (self.d.world, self.t.data.batch_size, self.t.data.workers)
+            if then != now:
+                raise ValueError(f"{found} was saved with (processes, batch size, loader workers) {then}, this run "
+                                 f"has {now}: resume with the same to continue exactly")
+            self.step, self.batches = s["step"], s["batches"]
             self.kinds = Counter(s.get("caption_kinds", {}))
-            log.info("resumed from %s: step %d, epoch %d, batch %d", found, self.step, self.epoch,
-                     self.batch_in_epoch)
+            log.info("resumed from %s: step %d, %d batches read", found, self.step, self.batches)
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
@@ -152,13 +156,11 @@ class Trainer:
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def _batches(self):
-        """(batch) forever, epoch after epoch, from the saved data position."""
-        while True:
-            self.stream.set_epoch(self.epoch, self.batch_in_epoch)
-            for batch in loader(self.stream):
-                self.batch_in_epoch += 1
-                yield batch
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        """Batches forever from the saved data position (one DataLoader, workers kept)."""
+        self.stream.set_start(self.batches)
+        for batch in loader(self.stream):
+            self.batches += 1
+            yield batch
 
     def fit(self) -> dict:
         from tqdm import tqdm
@@ -264,15 +266,17 @@ class Trainer:
         with self.ema.swapped():
             esd, _ = D.full_state(self.model)
         if self.d.main:
-            state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "caption_kinds": dict(self.kinds),
-                     "world": self.d.world, "seed": self.t.seed}
+            state = {"batches": self.batches, "epoch": self.batches / self.stream.n_batches,
+                     "caption_kinds": dict(self.kinds), "world": self.d.world, "batch_size": self.t.data.batch_size,
+                     "workers": self.t.data.workers, "seed": self.t.seed}
             path = ckpt.save(self.out / "checkpoints", self.step, msd, esd, osd, state, self.t.keep_checkpoints)
             log.info("checkpoint %s", path)
         D.barrier(self.d)
 
     def finish(self) -> dict:
         d = self.d
-        summary = {"steps": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+        summary = {"steps": self.step, "batches": self.batches, "epoch": self.batches // self.stream.n_batches,
+                   "batch_in_epoch": self.batches % self.stream.n_batches,
                    "rank": d.rank, "world": d.world, "caption_kinds": dict(self.kinds),
                    "faults": self.faults, "batches_per_epoch": self.stream.n_batches}
         if d.main:
