@@ -360,6 +360,8 @@ def test_evaluation_in_the_loop_logs_clip_score_and_frechet_distance(shards):
     assert [r["step"] for r in rows] == [2, 4]
     assert all(0 <= r["eval/clip_score"] <= 100 and r["eval/frechet"] >= 0 for r in rows)
     assert rows[0]["features"].startswith("open_clip image tower")
+    summary = json.loads((root / "eval" / "rank-0.json").read_text())
+    assert summary["batches_per_epoch"] == (13 + 16 + 16) // 8  # the last shard (6 samples) is held out
 
 
 def test_the_exported_pipeline_loads_with_diffusers_and_samples_like_tapir_sample(trained, tmp_path):

@@ -118,6 +118,8 @@ class EvalConfig(_Strict):
         "auto", description="Fréchet features: torchmetrics' Inception when its weights are present, else the "
         "CLIP image tower ('auto'); or force one.")
     samples: int = Field(64, gt=1, description="Held-out samples generated and compared per evaluation.")
+    holdout_shards: int = Field(1, gt=0, description="With evaluation on: the last N shards of the manifest are "
+                                "not trained on; their captions are the prompts and their images the reference.")
     steps: int = Field(25, gt=0, description="Sampling steps in evaluation.")
 
 

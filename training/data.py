@@ -259,13 +259,11 @@ def check_shard_encoders(folder: Path, kind: str, model, name: str) -> None:
                 f"{mine['fingerprint'][:12]}); train with the autoencoder that built the shards or rebuild them")
 
 
-def read_samples(folder: Path, n: int, latent_member: str) -> list[dict]:
-    """The first ``n`` samples in manifest order: {'key', 'latent' (the stored mean), 'caption'}
-    (the descriptive caption, else the short one, else the alt-text)."""
-    from pipeline import manifest
-
+def read_samples(folder: Path, entries: list[dict], n: int, latent_member: str) -> list[dict]:
+    """The first ``n`` samples of the given manifest shard entries: {'key', 'latent' (the stored
+    mean), 'caption'} (the descriptive caption, else the short one, else the alt-text)."""
     out = []
-    for entry in manifest.load(folder)["shards"]:
+    for entry in entries:
         for key, members in _read_tar(Path(folder) / entry["name"]):
             caption = next((members[m].decode() for m in ("descriptive.txt", "short.txt", "alt.txt")
                             if members.get(m, b"").strip()), "")

@@ -84,6 +84,13 @@ class Trainer:
                                      fused=self.d.device.startswith("cuda"))
         self.lr = lr_lambda(o, t.max_steps)
         self.objective = Objective(t.diffusion)
+        self.held_out = []
+        if t.eval.every and t.eval.clip_model:
+            if len(manifest["shards"]) <= t.eval.holdout_shards:
+                raise ValueError(f"{self.shards} has {len(manifest['shards'])} shard(s): too few to hold "
+                                 f"{t.eval.holdout_shards} out for evaluation (train_diffusion.eval.holdout_shards)")
+            self.held_out = manifest["shards"][-t.eval.holdout_shards:]
+            manifest = {**manifest, "shards": manifest["shards"][:-t.eval.holdout_shards]}
         self.stream = ShardStream(self.shards, manifest, t.data, t.seed, self.d.world, self.d.rank, self.text.kinds)
         self.step, self.batches = 0, 0  # optimizer steps; micro-batches read by this rank
         self.kinds: Counter = Counter()
@@ -252,11 +259,11 @@ class Trainer:
         return result
 
     def _held_out(self, n: int):
-        """Real images and captions of the first ``n`` samples in shard order, decoded from their
+        """Real images and captions of ``n`` samples of the held-out shards, decoded from their
         latent means (the images the model can at best reproduce)."""
         from training.data import read_samples
 
-        samples = read_samples(self.shards, n, self.stream.latent_members[0])
+        samples = read_samples(self.shards, self.held_out, n, self.stream.latent_members[0])
         z = torch.stack([s["latent"] for s in samples]).to(self.d.device)
         real = decode(self.vae, scale_latents(z, self.kl), self.kl)
         return real, [s["caption"] for s in samples]
