@@ -10,8 +10,8 @@ threads and step count:
   (b) loader:    the real loader, `ShardStream` through a DataLoader with the configured workers;
   (c) online:    decoded images held in memory, encoded by the VAE inside every step (what a
                  trainer without pre-encoded latents does on top of (a)).
-Arms alternate order over the repeats; each repeat times ``--steps`` steps after 3 warm-up
-steps. Prints steps/s per arm (median, min-max), the speedup a/c, and last the ratio b/a
+Arms alternate order over the repeats; each repeat times ``--steps`` steps after 3 + 4 x
+workers warm-up steps (more than the loader's workers prefetch, so its queue starts drained). Prints steps/s per arm (median, min-max), the speedup a/c, and last the ratio b/a
 (goal: 0.9 or more). Not a test.
 
     python bench/train_diffusion.py --images 256 --resolution 64 --model tiny --batch 16
@@ -74,8 +74,8 @@ def step(tr, batch) -> None:
     tr.step += 1
 
 
-def timed(tr, batches, n: int) -> float:
-    for _ in range(3):
+def timed(tr, batches, n: int, warmup: int) -> float:
+    for _ in range(warmup):  # for the loader: more than its workers prefetch, so the clock sees steady state
         step(tr, next(batches))
     sync(tr)
     start = time.perf_counter()
@@ -149,7 +149,7 @@ def main() -> None:
     for r in range(args.repeats):
         order = list(arms) if r % 2 == 0 else list(arms)[::-1]
         for name in order:
-            rates[name].append(timed(tr, arms[name](), args.steps))
+            rates[name].append(timed(tr, arms[name](), args.steps, warmup=3 + 4 * args.workers))
             print(f"repeat {r + 1} {name:9s} {rates[name][-1]:.2f} steps/s", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"\ncommit {commit}; device {tr.d.device}; model {args.model}; batch {args.batch}; "

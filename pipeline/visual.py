@@ -188,10 +188,10 @@ def training_visuals(run: Path, out: Path) -> tuple[Path, Path] | None:
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"train-diffusion loss ({run.name})")
     fig.tight_layout()
-    curve = out / "diffusion_loss.png"
+    curve = out / f"{run.name}_loss.png"
     fig.savefig(curve, dpi=100)
     plt.close(fig)
-    samples = out / f"diffusion_{grids[-1].name}"
+    samples = out / f"{run.name}_{grids[-1].name}"
     shutil.copyfile(grids[-1], samples)
     return curve, samples
 
@@ -216,11 +216,12 @@ def write_visuals(run_dir: Path, funnel: dict, out: Path) -> Path:
         hist, captions = caption_visuals(run_dir, out)
         parts.append(f'<h2>Captions</h2><img src="{hist.name}" alt="caption lengths">'
                      f'<br><img src="{captions.name}" alt="captions">')
-    training = training_visuals(run_dir / "runs" / "diffusion", out)
-    if training:
-        curve, samples = training
-        parts.append(f'<h2>Diffusion training</h2><img src="{curve.name}" alt="loss">'
-                     f'<br><img src="{samples.name}" alt="samples of the held-out prompts (EMA)">')
+    for run in sorted(p for p in (run_dir / "runs").glob("*") if p.is_dir()):
+        training = training_visuals(run, out)
+        if training:
+            curve, samples = training
+            parts.append(f'<h2>Training: runs/{html.escape(run.name)}</h2><img src="{curve.name}" alt="loss">'
+                         f'<br><img src="{samples.name}" alt="samples of the fixed prompts (EMA)">')
     parts.append(f"<h2>funnel.json</h2><pre>{html.escape(json.dumps(funnel, indent=2))}</pre>")
     page = out / "index.html"
     page.write_text("\n".join(parts))

@@ -158,7 +158,8 @@ def test_report_command(reference_run):
 
 
 def test_demo(tmp_path):
-    proc = _run(["demo", "--output", tmp_path / "demo", "--rows", "80"])
+    proc = _run(["demo", "--output", tmp_path / "demo", "--rows", "80", "--set", "train_diffusion.max_steps=40",
+                 "--set", "train_diffusion.sample.every=20", "--set", "train_diffusion.data.batch_size=8"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     funnel = json.loads((tmp_path / "demo" / "report" / "funnel.json").read_text())
     download, score, select = funnel["download"], funnel["score"], funnel["select"]
@@ -170,7 +171,12 @@ def test_demo(tmp_path):
     build = funnel["build"]
     assert build["rows_in"] == select["kept"] and build["written"] == build["rows_in"] - build["failed"] > 0
     manifest = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
-    assert set(manifest["encoders"]) == {"kl", "vq"} and manifest["complete"]
+    assert set(manifest["encoders"]) == {"kl", "vq", "text"} and manifest["complete"]
     assert "latent_mean.npy" in manifest["members"] and "tokens.npy" in manifest["members"]
+    run = tmp_path / "demo" / "runs" / "diffusion"
+    assert "diffusion:" in proc.stdout and (run / "pipeline" / "model_index.json").exists()
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000020.png", "step-00000040.png"]
+    page = (tmp_path / "demo" / "report" / "index.html").read_text()
+    assert "diffusion_loss.png" in page and (tmp_path / "demo" / "report" / "diffusion_step-00000040.png").exists()
     verified = _run(["verify", tmp_path / "demo" / "shards"])
     assert verified.returncode == 0 and "ok," in verified.stdout, verified.stdout + verified.stderr

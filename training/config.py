@@ -29,11 +29,12 @@ class TrainDataConfig(_Strict):
         "synthetic, 5% alt-text; mosaic's caption_selection_probs). Normalised to sum to 1.")
     caption_fallback: list[CaptionKind] = Field(
         ["descriptive", "short", "alt_text"],
-        description="Order tried when the drawn caption kind is empty for a sample.")
+        description="Order tried when the drawn caption kind is empty for a sample (with pre-computed "
+        "embeddings, only the kinds the shards embed).")
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="Probability of the empty caption "
                                    "(the unconditional input of classifier-free guidance).")
-    flip: bool = Field(True, description="Use the horizontally flipped latents half the time when the "
-                       "shards hold them (build.flip).")
+    flip: bool = Field(False, description="Use the horizontally flipped latents half the time when the "
+                       "shards hold them (build.flip); off by default: flips contradict 'left' and 'right' in captions.")
 
     @model_validator(mode="after")
     def _check(self):

@@ -4,14 +4,16 @@ The split (why every rank gets the same number of batches, even with uneven shar
 shards than workers, where webdataset's per-shard split hangs DDP: webdataset #188, #225):
 
 1. Each epoch the shard order is a seeded permutation; the manifest's sample counts place
-   the shards one after another on a line of N sample positions.
-2. Rank r takes the contiguous range [r * N//W, r * N//W + S*B) of W ranks, where
-   S = (N // W) // B batches of B samples. Every rank has exactly S batches per epoch.
-   **Remainder policy**: the N - W*S*B positions past the ranks' ranges (fewer than W*B + W)
-   are not trained on this epoch; the next epoch's permutation moves different samples there.
-3. A rank's S batches are split into contiguous blocks, one per loader worker (the first
-   S mod workers blocks one batch longer); a shard may be split between ranks and workers,
-   each reading only its part. The DataLoader takes a batch from each worker in turn.
+   the shards one after another on a circle of N sample positions, and the epoch starts at a
+   seeded offset on it.
+2. Rank r takes the contiguous range [r * N//W, r * N//W + S*B) from that offset, of W ranks,
+   where S batches of B samples is (N // W) // B rounded down to a multiple of the loader
+   workers K. Every rank has exactly S batches per epoch. **Remainder policy**: the
+   N - W*S*B positions past the ranks' ranges (fewer than W*B*K + W) are not trained on this
+   epoch; the next epoch's offset and shard order put other samples there.
+3. A rank's S batches are split into K equal contiguous blocks, one per loader worker; a
+   shard may be split between ranks and workers, each reading only its part. The DataLoader
+   takes a batch from each worker in turn, so the workers move through epochs together.
 4. Each worker shuffles through a seeded buffer, and draws per sample (seeded by the key and
    the epoch, so the draw never depends on position): the caption kind (``caption_probs``,
    falling back in ``caption_fallback`` order when the drawn kind is empty), caption dropout,
@@ -51,8 +53,16 @@ class Segment:
     stop: int   # one past the last
 
 
-def batches_per_rank(total: int, world: int, batch: int) -> int:
-    return (total // world) // batch
+def batches_per_rank(total: int, world: int, batch: int, workers: int = 1) -> tuple[int, int]:
+    """(batches per rank per epoch, loader workers): at most one worker per batch, and the
+    batches a multiple of the workers, so every worker's block has the same length."""
+    n = (total // world) // batch
+    workers = max(1, min(workers, n))
+    return n - n % workers, workers
+
+
+def epoch_offset(total: int, seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch, 0x0FF5]).integers(total))
 
 
 def shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
@@ -60,9 +70,10 @@ def shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
 
 
 def segments(counts: list[int], order: list[int], start: int, stop: int) -> list[Segment]:
-    """The parts of shards covering positions [start, stop) of the shards laid out in ``order``."""
+    """The parts of shards covering positions [start, stop) of the shards laid out in ``order``
+    (positions past the end wrap around: the shards lie on a circle)."""
     out, pos = [], 0
-    for s in order:
+    for s in order + order:
         lo, hi = max(start, pos), min(stop, pos + counts[s])
         if lo < hi:
             out.append(Segment(s, lo - pos, hi - pos))
@@ -73,14 +84,9 @@ def segments(counts: list[int], order: list[int], start: int, stop: int) -> list
 
 
 def worker_blocks(n_batches: int, workers: int) -> list[tuple[int, int]]:
-    """Contiguous [lo, hi) batch blocks per worker; the first n_batches % workers get one more."""
-    base, extra = divmod(n_batches, workers)
-    blocks, lo = [], 0
-    for w in range(workers):
-        hi = lo + base + (w < extra)
-        blocks.append((lo, hi))
-        lo = hi
-    return blocks
+    """Equal contiguous [lo, hi) batch blocks, one per worker (n_batches is a multiple of workers)."""
+    size = n_batches // workers
+    return [(w * size, (w + 1) * size) for w in range(workers)]
 
 
 def resume_roles(consumed: int, workers: int) -> tuple[list[int], int]:
@@ -114,8 +120,10 @@ class ShardStream(IterableDataset):
         self.latent_members = ["latent_mean", "latent_std"] if kl["store"] == "mean_std" else ["latent"]
         self.has_flip = bool(manifest["image"]["flip"])
         self.text_kinds = text_kinds
-        self.workers = max(1, cfg.workers if workers is None else workers)
-        self.n_batches = batches_per_rank(sum(self.counts), world, cfg.batch_size)
+        # with pre-computed embeddings a caption can only fall back to a kind that was embedded
+        self.fallback = [k for k in cfg.caption_fallback if text_kinds is None or k in text_kinds]
+        self.n_batches, self.workers = batches_per_rank(sum(self.counts), world, cfg.batch_size,
+                                                        max(1, cfg.workers if workers is None else workers))
         if self.n_batches == 0:
             raise ValueError(f"{sum(self.counts)} samples in {folder} are fewer than one batch of "
                              f"{cfg.batch_size} on each of {world} rank(s)")
@@ -168,9 +176,9 @@ class ShardStream(IterableDataset):
         texts = {k: raw[m].decode("utf-8").strip() for k, m in CAPTION_MEMBERS.items() if m in raw}
         kind = self.kinds[rng.choice(len(self.kinds), p=self.probs)]
         if not texts.get(kind):
-            kind = next((k for k in self.cfg.caption_fallback if texts.get(k)), None)
+            kind = next((k for k in self.fallback if texts.get(k)), None)
             if kind is None:
-                raise ValueError(f"sample {key} has no caption of the kinds {self.cfg.caption_fallback}")
+                raise ValueError(f"sample {key} has no caption of the kinds {self.fallback}")
         drop = bool(rng.random() < self.cfg.caption_dropout)
         suffix = "_flip" if self.cfg.flip and self.has_flip and rng.random() < 0.5 else ""
         out = {"key": key, "kind": kind, "drop": drop, "caption": "" if drop else texts[kind]}
@@ -187,9 +195,9 @@ class ShardStream(IterableDataset):
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         delivered, first = resume_roles(self.consumed, nw)
         role = (first + w) % nw  # see resume_roles
+        if nw != self.workers:
+            raise ValueError(f"the stream was split for {self.workers} loader worker(s), the loader has {nw}")
         lo, hi = worker_blocks(self.n_batches, nw)[role]
-        if hi == lo:
-            raise ValueError(f"{nw} loader workers for {self.n_batches} batches: use at most that many workers")
         epoch, skip = divmod(delivered[role], hi - lo)
         while self.epochs is None or epoch < self.epochs:
             yield from self._epoch(epoch, role, lo, hi, skip)
@@ -197,8 +205,8 @@ class ShardStream(IterableDataset):
 
     def _epoch(self, epoch: int, role: int, lo: int, hi: int, skip: int) -> Iterator[dict]:
         """Batches lo..hi-1 of this rank in ``epoch``, the first ``skip`` read but not yielded."""
-        B = self.cfg.batch_size
-        base = self.rank * (sum(self.counts) // self.world)
+        B, total = self.cfg.batch_size, sum(self.counts)
+        base = epoch_offset(total, self.seed, epoch) + self.rank * (total // self.world)
         order = shard_order(len(self.names), self.seed, epoch)
         faults: list[str] = []
         source = self._source(segments(self.counts, order, base + lo * B, base + hi * B), order, faults)
@@ -217,7 +225,8 @@ class ShardStream(IterableDataset):
                 except (KeyError, ValueError, OSError) as e:
                     faults.append(f"{raw['__shard__']} sample {raw['__key__']}: {type(e).__name__}: {e}; "
                                   "skipped")
-            if b < skip:
+            if b < skip:  # resume: read again, already trained on (and its faults counted) before
+                faults.clear()
                 continue
             for fault in faults:
                 log.warning("%s", fault)
@@ -238,7 +247,7 @@ def collate(samples: list[dict], faults: list[str]) -> dict:
 def loader(stream: ShardStream) -> DataLoader:
     """A DataLoader over a ShardStream's batches (batching happens in the workers; at most one
     worker per batch of an epoch)."""
-    workers = min(stream.workers, stream.n_batches) if stream.cfg.workers else 0
+    workers = stream.workers if stream.cfg.workers else 0
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 

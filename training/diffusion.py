@@ -77,7 +77,7 @@ class Trainer:
             model.enable_gradient_checkpointing()
         self.flops = self._flops(model) if peak_flops(self.d.device) else None
         self.model = D.wrap(model, self.d, t.distributed)
-        self.ema = EMA(self.model, t.ema_decay)
+        self.ema = EMA(self.model, t.ema_decay)  # sharded like the model under FSDP
         self.fwd = torch.compile(self.model) if t.compile else self.model
         o = t.optim
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
@@ -97,7 +97,7 @@ class Trainer:
         self.faults: list[str] = []
         self._start(resume)
         self.metrics = Metrics(self.out, self.d.main, self.step)
-        self.evaluator = None
+        self.evaluator, self.eval_prompts = None, None
 
     def _flops(self, model) -> int:
         b, c, s = self.t.data.batch_size, self.kl["channels"], self.latent_size
@@ -105,6 +105,15 @@ class Trainer:
         emb, mask = self.text.prompts[0][:1].expand(b, -1, -1), self.text.prompts[1][:1].expand(b, -1)
         with self.autocast:
             return train_flops(model, x, emb, mask)
+
+    def _data_facts(self) -> dict:
+        """What the data order depends on: a resume must find the same."""
+        import hashlib
+
+        shard_list = json.dumps(list(zip(self.stream.names, self.stream.counts))).encode()
+        return {"processes": self.d.world, "batch_size": self.t.data.batch_size, "loader_workers": self.stream.workers,
+                "grad_accum": self.t.optim.grad_accum, "seed": self.t.seed, "batches_per_epoch": self.stream.n_batches,
+                "shards_sha256": hashlib.sha256(shard_list).hexdigest()}
 
     def _start(self, resume: bool) -> None:
         found = ckpt.latest(self.out / "checkpoints")
@@ -117,11 +126,12 @@ class Trainer:
             with self.ema.swapped():
                 D.load_full_state(self.model, state["ema"])
             s = state["state"]
-            then = (s["world"], s["batch_size"], s["workers"])
-            now = (self.d.world, self.t.data.batch_size, self.t.data.workers)
-            if then != now:
-                raise ValueError(f"{found} was saved with (processes, batch size, loader workers) {then}, this run "
-                                 f"has {now}: resume with the same to continue exactly")
+            then, now = s["data"], self._data_facts()
+            changed = [k for k in now if then.get(k) != now[k]]
+            if changed:
+                raise ValueError(f"{found} was saved with other {', '.join(changed)} ({[then.get(k) for k in changed]}, "
+                                 f"now {[now[k] for k in changed]}): resume with the same to continue exactly")
+            self.faults = s.get("faults", [])
             self.step, self.batches = s["step"], s["batches"]
             self.kinds = Counter(s.get("caption_kinds", {}))
             log.info("resumed from %s: step %d, %d batches read", found, self.step, self.batches)
@@ -227,7 +237,14 @@ class Trainer:
                             (self.kl["channels"], self.latent_size, self.latent_size), sampler_name=s.sampler,
                             steps=steps, cfg=s.cfg, seed=seed, autocast=self.autocast)
 
+    def _samples_here(self) -> bool:
+        """Whether this rank samples: every rank under FSDP (the sharded model runs together),
+        else rank 0 alone (DDP's inner module needs no collectives)."""
+        return self.d.main or (self.t.distributed == "fsdp" and self.d.world > 1)
+
     def sample_grid(self) -> Path | None:
+        if not self._samples_here():
+            return None
         images = self._generate(*self.text.prompts, self.t.sample.steps, self.t.sample.seed)
         if not self.d.main:
             return None
@@ -239,18 +256,22 @@ class Trainer:
         return path
 
     def evaluate(self) -> dict:
+        """CLIP score and Fréchet distance of samples of the held-out captions (scored on rank 0)."""
         from training.evaluate import Evaluator
 
         e = self.t.eval
-        if e.clip_model is None:
+        if e.clip_model is None or not self._samples_here():
             return {}
-        if self.evaluator is None:
-            self.evaluator = Evaluator(e.clip_model, e.clip_pretrained, self.d.device, e.fid)
+        if self.eval_prompts is None:
             self.real, self.eval_prompts = self._held_out(e.samples)
-            log.info("evaluation: CLIP score with %s, Fréchet distance on %s", e.clip_model,
-                     self.evaluator.feature_name)
+            if self.d.main:
+                self.evaluator = Evaluator(e.clip_model, e.clip_pretrained, self.d.device, e.fid)
+                log.info("evaluation: CLIP score with %s, Fréchet distance on %s", e.clip_model,
+                         self.evaluator.feature_name)
         emb, mask = self.text.encode(self.eval_prompts)
         fake = self._generate(emb.to(self.d.device), mask.to(self.d.device), e.steps, self.t.sample.seed + 1)
+        if not self.d.main:
+            return {}
         result = {"eval/clip_score": self.evaluator.clip_score(fake, self.eval_prompts),
                   "eval/frechet": self.evaluator.frechet(self.real, fake)}
         self.metrics.scalars(self.step, result)
@@ -274,33 +295,36 @@ class Trainer:
             esd, _ = D.full_state(self.model)
         if self.d.main:
             state = {"batches": self.batches, "epoch": self.batches / self.stream.n_batches,
-                     "caption_kinds": dict(self.kinds), "world": self.d.world, "batch_size": self.t.data.batch_size,
-                     "workers": self.t.data.workers, "seed": self.t.seed}
+                     "caption_kinds": dict(self.kinds), "faults": self.faults, "data": self._data_facts()}
             path = ckpt.save(self.out / "checkpoints", self.step, msd, esd, osd, state, self.t.keep_checkpoints)
             log.info("checkpoint %s", path)
         D.barrier(self.d)
 
     def finish(self) -> dict:
         d = self.d
+        with self.ema.swapped():
+            esd, _ = D.full_state(self.model)  # a collective under FSDP: every rank takes part
         summary = {"steps": self.step, "batches": self.batches, "epoch": self.batches // self.stream.n_batches,
                    "batch_in_epoch": self.batches % self.stream.n_batches,
                    "rank": d.rank, "world": d.world, "caption_kinds": dict(self.kinds),
                    "faults": self.faults, "batches_per_epoch": self.stream.n_batches}
-        if d.main:
-            with self.ema.swapped():
-                esd, _ = D.full_state(self.model)
-        else:
-            D.full_state(self.model)
-        if d.main:
-            module = create_dit(self.t.model, self.kl["channels"], self.latent_size, self.text.dim)
-            module.load_state_dict(esd)
-            export_pipeline(self.out / "pipeline", module, self.vae, self.text.source, self.objective.scheduler,
-                            self.t.sample.sampler)
-            summary["pipeline"] = str(self.out / "pipeline")
-        (self.out / f"rank-{d.rank}.json").write_text(json.dumps(summary, indent=1))
         self.metrics.close()
-        D.barrier(d)
+        D.barrier(d)  # the last collective: rank 0 exports alone, nobody waits on it
+        if d.main:
+            summary["pipeline"] = self._export(esd)
+        (self.out / f"rank-{d.rank}.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _export(self, ema_state: dict) -> str | None:
+        if self.t.text.hidden_layer != -1:
+            log.warning("no diffusers pipeline exported: PixArtAlphaPipeline conditions on the text encoder's "
+                        "last hidden state, this run on layer %d; sample with `tapir sample`", self.t.text.hidden_layer)
+            return None
+        module = create_dit(self.t.model, self.kl["channels"], self.latent_size, self.text.dim)
+        module.load_state_dict(ema_state)
+        path = export_pipeline(self.out / "pipeline", module, self.vae, self.text.source, self.objective.scheduler,
+                               self.t.sample.sampler, self.t.text.max_length)
+        return str(path)
 
 
 def train_diffusion(cfg: RunConfig, resume: bool = False) -> dict:

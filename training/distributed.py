@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,8 @@ def setup(device: str = "auto") -> Dist:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo",
+                                timeout=timedelta(minutes=60))  # rank 0 writes checkpoints while others wait
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count() or 1)))
@@ -79,7 +81,8 @@ def full_state(model: torch.nn.Module, optimizer=None) -> tuple[dict, dict | Non
                                                          get_optimizer_state_dict)
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=opts)
+    # copies: on a CPU the returned tensors are the live parameters, which an EMA swap rewrites
+    msd = {k: v.detach().clone() for k, v in get_model_state_dict(model, options=opts).items()}
     osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
     return msd, osd
 

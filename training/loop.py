@@ -17,7 +17,7 @@ class EMA:
     under FSDP): ema <- decay * ema + (1 - decay) * param after each optimizer step."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
+        self.decay, self.model = decay, model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shadow = [p.detach().clone() for p in self.params]
 
@@ -29,6 +29,7 @@ class EMA:
     @torch.no_grad()
     def swapped(self):
         """The model holds the EMA weights inside this block (for sampling, evaluation, saving)."""
+        self._reshard()
         for p, s in zip(self.params, self.shadow):
             tmp = p.detach().clone()
             p.copy_(s)
@@ -36,10 +37,18 @@ class EMA:
         try:
             yield
         finally:
+            self._reshard()
             for p, s in zip(self.params, self.shadow):
                 tmp = p.detach().clone()
                 p.copy_(s)
                 s.copy_(tmp)
+
+
+    def _reshard(self) -> None:
+        """FSDP keeps the root module's parameters gathered after a forward; the swap writes the
+        shards, so drop the gathered copies first, or the next forward would use stale values."""
+        if hasattr(self.model, "reshard"):
+            self.model.reshard()
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):
@@ -75,10 +84,11 @@ class Metrics:
         self.writer = None
         if not enabled:
             return
-        if self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+        for path in (self.path, self.path.parent / "eval.jsonl"):
+            if path.exists():
+                keep = [line for line in path.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= resume_step]
+                path.write_text("".join(line + "\n" for line in keep))
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(Path(folder) / "tb"), purge_step=resume_step + 1 if resume_step else None)

@@ -66,8 +66,11 @@ def generate(model, text_emb, text_mask, null, train_sched, kl: dict, vae, laten
     return decode(vae, lat, kl)
 
 
-def export_pipeline(folder: Path, transformer, vae, text_source: dict, train_sched, sampler_name: str) -> Path:
-    """Write a PixArtAlphaPipeline folder; return its path."""
+def export_pipeline(folder: Path, transformer, vae, text_source: dict, train_sched, sampler_name: str,
+                    max_length: int) -> Path:
+    """Write a PixArtAlphaPipeline folder; return its path. Sample it with
+    ``max_sequence_length=max_length`` (recorded in ``tapir_export.json``) and
+    ``clean_caption=False``, as training encoded captions."""
     import copy
 
     import diffusers
@@ -91,7 +94,15 @@ def export_pipeline(folder: Path, transformer, vae, text_source: dict, train_sch
     pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                transformer=transformer.cpu().float(), scheduler=sched)
     pipe.save_pretrained(folder, safe_serialization=True)
+    (Path(folder) / "tapir_export.json").write_text(json.dumps(
+        {"max_sequence_length": max_length, "clean_caption": False, "use_resolution_binning": False,
+         "height": transformer.config.sample_size * vae_scale(vae), "width": transformer.config.sample_size *
+         vae_scale(vae), "text_encoder": text_source}, indent=1))
     return Path(folder)
+
+
+def vae_scale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def sample_run(run_dir: Path, prompts: list[str], steps: int | None = None, cfg: float | None = None,
