@@ -457,3 +457,19 @@ def test_a_real_sentence_transformers_encoder_conditions_the_dit(shards):
 
     weights = load_file(root / "minilm" / "checkpoints" / "step-00000003" / "model.safetensors")
     assert weights["caption_projection.linear_1.weight"].shape[1] == 384
+
+
+def test_compile_and_activation_checkpointing_train_like_eager(trained):
+    """torch.compile (inductor, about 40 s to compile here) and gradient checkpointing change
+    how a step is computed, not what: the first losses equal the eager reference run's."""
+    import yaml
+
+    from pipeline.config import RunConfig
+    from training.diffusion import train_diffusion
+
+    ref, path, _ = trained
+    data = yaml.safe_load(path.read_text())
+    data["train_diffusion"].update(output=str(ref.parent / "compiled"), max_steps=3, compile=True,
+                                   gradient_checkpointing=True)
+    train_diffusion(RunConfig.model_validate(data))
+    assert np.allclose(_losses(ref.parent / "compiled"), _losses(ref)[:3], rtol=1e-3, atol=1e-4)
