@@ -75,12 +75,29 @@ def bench_bare(run: Path, vae_path: str, resolution: int, batch: int, device: st
     return len(arrays) / (time.perf_counter() - start)
 
 
+def build_inprocess(cfg) -> dict:
+    """The build stage without Ray (for a machine that has none): plan, one worker, manifest."""
+    from pipeline import shards
+    from pipeline.build import BuildShard, _planned, _write_plan, encoder_infos, make_plan, plan_digest
+    from pipeline.manifest import write
+
+    cfg.shards_dir.mkdir(parents=True)
+    plan, inputs = make_plan(cfg, encoder_infos(cfg.build))
+    _write_plan(cfg.shards_dir, plan, plan_digest(plan, cfg.build, inputs))
+    stage = BuildShard(cfg.model_dump())
+    stage.setup()
+    for sid in range(_planned(plan)):
+        stage(sid)
+    write(cfg.shards_dir, cfg.build, _planned(plan))
+    return {"written": sum(shards.read_stats(cfg.shards_dir, s)["count"] for s in shards.done_shards(cfg.shards_dir)),
+            "setup": stage.setup_seconds}
+
+
 def bench_tapir(run: Path, vae_path: str, resolution: int, per_shard: int, batch: int, device: str,
                 inprocess: bool, num_cpus: int | None, threads: int | None = None) -> tuple[float, dict]:
     from pipeline import shards
-    from pipeline.build import BuildShard, _planned, _write_plan, build, encoder_infos, make_plan, plan_digest
+    from pipeline.build import build
     from pipeline.config import load_config
-    from pipeline.manifest import write
 
     shutil.rmtree(run / "shards", ignore_errors=True)
     sets = [f"output={run}", "input.path=unused", f"build.vae.model={vae_path}", f"build.resolution={resolution}",
@@ -91,19 +108,7 @@ def bench_tapir(run: Path, vae_path: str, resolution: int, per_shard: int, batch
         sets.append(f"build.decode_threads={threads}")
     cfg = load_config(None, sets)
     start = time.perf_counter()
-    if inprocess:  # the stage without Ray: plan, one worker, manifest
-        cfg.shards_dir.mkdir(parents=True)
-        plan, inputs = make_plan(cfg, encoder_infos(cfg.build))
-        _write_plan(cfg.shards_dir, plan, plan_digest(plan, cfg.build, inputs))
-        stage = BuildShard(cfg.model_dump())
-        stage.setup()
-        for sid in range(_planned(plan)):
-            stage(sid)
-        write(cfg.shards_dir, cfg.build, _planned(plan))
-        funnel = {"written": sum(shards.read_stats(cfg.shards_dir, s)["count"]
-                                 for s in shards.done_shards(cfg.shards_dir)), "setup": stage.setup_seconds}
-    else:
-        funnel = build(cfg)
+    funnel = build_inprocess(cfg) if inprocess else build(cfg)
     elapsed = time.perf_counter() - start
     timing: dict = {}  # where the shard workers spent their time, summed over shards
     for sid in shards.done_shards(cfg.shards_dir):

@@ -15,7 +15,7 @@ workers warm-up steps (more than the loader's workers prefetch, so its queue sta
 (goal: 0.9 or more). Not a test.
 
     python bench/train_diffusion.py --images 256 --resolution 64 --model tiny --batch 16
-    python bench/train_diffusion.py --arch sd --resolution 256 --model B/2 --batch 32 --device cuda
+    python bench/train_diffusion.py --arch sd --resolution 256 --model XL/2 --batch 64 --device cuda --compile --inprocess
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from pathlib import Path
 import sys
 
 from _common import guarded_workdir, violations  # bench/ is sys.path[0] for a script
-from build import save_vae  # the SD VAE's architecture (random weights) or the tiny one
+from build import build_inprocess, save_vae  # the SD VAE's architecture (random weights) or the tiny one
 
 sys.path.remove(str(Path(__file__).resolve().parent))  # bench/recaption.py would shadow the package
 
 
-def make_shards(work: Path, images: int, resolution: int, arch: str) -> Path:
+def make_shards(work: Path, images: int, resolution: int, arch: str, inprocess: bool, device: str) -> Path:
     from pipeline import ray_backend
     from pipeline.build import build
     from pipeline.config import load_config
@@ -48,7 +48,11 @@ def make_shards(work: Path, images: int, resolution: int, arch: str) -> Path:
     vae = save_vae(work / "vae", arch)
     text = save_tiny_text_encoder(work / "text")
     cfg = load_config(None, [f"output={run}", f"build.resolution={resolution}", "build.samples_per_shard=100",
-                             f"build.vae.model={vae}", f"build.text.model={text}", "build.latent_dtype=float16"])
+                             f"build.vae.model={vae}", f"build.text.model={text}", "build.latent_dtype=float16",
+                             f"build.device={device}"])
+    if inprocess:
+        build_inprocess(cfg)
+        return run
     try:
         build(cfg)
     finally:
@@ -136,9 +140,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--inprocess", action="store_true", help="build the shards without Ray (a machine without it)")
     args = p.parse_args()
     work = guarded_workdir("tapir-bench-train-")
-    run = make_shards(work, args.images, args.resolution, args.arch)
+    from filters.clip import pick_device
+
+    run = make_shards(work, args.images, args.resolution, args.arch, args.inprocess, pick_device(args.device))
     tr = trainer(run, work, args)
     stream = tr._batches()
     memory = [next(stream) for _ in range(8)]
@@ -156,9 +163,16 @@ def main() -> None:
           f"{args.resolution} px -> latents {tr.kl['channels']}x{tr.latent_size}x{tr.latent_size}; "
           f"workers {args.workers}; {args.steps} steps x {args.repeats} repeats")
     med = {k: statistics.median(v) for k, v in rates.items()}
+    from training.loop import peak_flops
+
+    peak = peak_flops(tr.d.device)
+    if tr.flops:
+        print(f"training step: {tr.flops / 1e9:.1f} GFLOPs counted (FlopCounterMode, 2 per multiply-add); "
+              f"peak {peak / 1e12:.0f} TFLOP/s bf16 dense")
     for k, v in rates.items():
+        mfu = f"  MFU {tr.flops * med[k] / peak:.1%}" if tr.flops else ""
         print(f"{k:9s} median {med[k]:.2f} steps/s  ({min(v):.2f}-{max(v):.2f})  "
-              f"= {med[k] * args.batch:.1f} images/s")
+              f"= {med[k] * args.batch:.1f} images/s{mfu}")
     print(f"pre-encoded latents vs VAE online: {med['synthetic'] / med['online']:.2f}x faster")
     if violations(work):
         print("NETWORK GUARD VIOLATIONS: see", work / "netguard.log")
