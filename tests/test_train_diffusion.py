@@ -174,7 +174,7 @@ def test_caption_kinds_match_the_configured_probabilities(shards):
     stream = ShardStream(folder, m, cfg, seed=0)  # one batch per epoch: 40 epochs of draws
     kinds, drops, n = Counter(), 0, 0
     for batch in islice(iter(stream), 40):
-        for key, kind, drop in zip(batch["key"], batch["kind"], batch["drop"].tolist()):
+        for kind, drop in zip(batch["kind"], batch["drop"].tolist()):
             kinds[kind] += 1
             drops += drop
             n += 1
@@ -190,7 +190,8 @@ def test_missing_caption_kinds_fall_back_in_the_stated_order(shards):
         batch_size=8, workers=0, caption_probs={"descriptive": 1.0}, caption_fallback=["short", "alt_text"],
         caption_dropout=0), seed=0)
     raw = {"__key__": "k", "descriptive.txt": b"", "short.txt": b"", "alt.txt": b"an alt text",
-           "latent_mean.npy": _npy(np.zeros((4, 8, 8), np.float16)), "latent_std.npy": _npy(np.ones((4, 8, 8), np.float16))}
+           "latent_mean.npy": _npy(np.zeros((4, 8, 8), np.float16)),
+           "latent_std.npy": _npy(np.ones((4, 8, 8), np.float16))}
     assert stream._decode(raw, 0)["kind"] == "alt_text"
     raw["short.txt"] = b"short one"
     assert stream._decode(raw, 0)["caption"] == "short one"
@@ -415,7 +416,8 @@ def test_a_shard_from_another_autoencoder_is_refused_naming_it(shards):
 
     root, _, models = shards
     cfg = _cfg(root, "refused", "train_diffusion.max_steps=1", f"train_diffusion.vae={models['kl_other']}")
-    with pytest.raises(FingerprintMismatch, match=r"shard 00000\.tar in .* was encoded by AutoencoderKL .*kl-other \(fingerprint"):
+    with pytest.raises(FingerprintMismatch,
+                       match=r"shard 00000\.tar in .* was encoded by AutoencoderKL .*kl-other \(fingerprint"):
         train_diffusion(cfg)
     assert not (root / "refused" / "checkpoints").exists()
 

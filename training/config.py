@@ -33,8 +33,8 @@ class TrainDataConfig(_Strict):
         "embeddings, only the kinds the shards embed).")
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="Probability of the empty caption "
                                    "(the unconditional input of classifier-free guidance).")
-    flip: bool = Field(False, description="Use the horizontally flipped latents half the time when the "
-                       "shards hold them (build.flip); off by default: flips contradict 'left' and 'right' in captions.")
+    flip: bool = Field(False, description="Use the horizontally flipped latents half the time when the shards "
+                       "hold them (build.flip); off by default: flips contradict 'left' and 'right' in captions.")
 
     @model_validator(mode="after")
     def _check(self):

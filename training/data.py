@@ -276,8 +276,8 @@ def read_samples(folder: Path, entries: list[dict], n: int, latent_member: str) 
         for key, members in _read_tar(Path(folder) / entry["name"]):
             caption = next((members[m].decode() for m in ("descriptive.txt", "short.txt", "alt.txt")
                             if members.get(m, b"").strip()), "")
-            out.append({"key": key, "latent": torch.from_numpy(_npy(members[f"{latent_member}.npy"]).astype(np.float32)),
-                        "caption": caption})
+            latent = _npy(members[f"{latent_member}.npy"]).astype(np.float32)
+            out.append({"key": key, "latent": torch.from_numpy(latent), "caption": caption})
             if len(out) == n:
                 return out
     return out

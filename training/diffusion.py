@@ -129,8 +129,9 @@ class Trainer:
             then, now = s["data"], self._data_facts()
             changed = [k for k in now if then.get(k) != now[k]]
             if changed:
-                raise ValueError(f"{found} was saved with other {', '.join(changed)} ({[then.get(k) for k in changed]}, "
-                                 f"now {[now[k] for k in changed]}): resume with the same to continue exactly")
+                raise ValueError(f"{found} was saved with other {', '.join(changed)} "
+                                 f"({[then.get(k) for k in changed]}, now {[now[k] for k in changed]}): "
+                                 "resume with the same to continue exactly")
             self.faults = s.get("faults", [])
             self.step, self.batches = s["step"], s["batches"]
             self.kinds = Counter(s.get("caption_kinds", {}))

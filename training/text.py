@@ -68,7 +68,8 @@ def precomputed_kinds(cfg: TextConditionConfig, manifest: dict, kinds: list[str]
             log.info("encoding captions online: %s", "; ".join(reasons))
         return None
     if reasons:
-        raise ValueError("text.precomputed is 'always' but the shards' embeddings cannot be used: " + "; ".join(reasons))
+        raise ValueError("text.precomputed is 'always' but the shards' embeddings cannot be used: "
+                         + "; ".join(reasons))
     return list(kinds)
 
 
