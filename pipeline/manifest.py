@@ -99,8 +99,9 @@ def load(folder: Path) -> dict:
 
 
 def check_encoder(folder: Path, kind: str, model, name: str = "") -> dict:
-    """Raise FingerprintMismatch unless ``model`` (a loaded AutoencoderKL for kind 'kl', VQModel
-    for 'vq') is the one that encoded the shards in ``folder``; return the encoder's record."""
+    """Raise FingerprintMismatch, naming the first shard concerned, unless ``model`` (a loaded
+    AutoencoderKL for kind 'kl', VQModel for 'vq') is the one that encoded every shard in
+    ``folder`` (each shard's completion record, then the manifest); return the encoder's record."""
     from pipeline.encoders import fingerprint
 
     data = load(folder)
@@ -109,12 +110,15 @@ def check_encoder(folder: Path, kind: str, model, name: str = "") -> dict:
         raise FingerprintMismatch(f"shards in {folder} hold no {kind} encodings (encoders: "
                                   f"{sorted(data['encoders']) or 'none'})")
     mine = fingerprint(model)
-    if mine["fingerprint"] != recorded["fingerprint"]:
-        raise FingerprintMismatch(
-            f"shards in {folder} were encoded with {recorded['class']} {recorded['model']} (fingerprint "
-            f"{recorded['fingerprint'][:12]}), but this run's {mine['class']} {name or ''} has fingerprint "
-            f"{mine['fingerprint'][:12]}; train with the autoencoder that built the shards or rebuild them "
-            "(the fingerprint covers the weights as loaded: load in float32 to compare)")
+    records = [(f"shard {shards.shard_name(sid)}.tar in {folder} was",
+                shards.read_stats(folder, sid)["encoders"].get(kind)) for sid in sorted(shards.done_shards(folder))]
+    for where, rec in records + [(f"shards in {folder} were", recorded)]:
+        if rec is not None and rec["fingerprint"] != mine["fingerprint"]:
+            raise FingerprintMismatch(
+                f"{where} encoded by {rec['class']} {rec['model']} (fingerprint {rec['fingerprint'][:12]}), but "
+                f"this run decodes with {mine['class']} {name} (fingerprint {mine['fingerprint'][:12]}); train "
+                "with the autoencoder that built the shards or rebuild them (the fingerprint covers the weights "
+                "as loaded: load in float32 to compare)")
     return recorded
 
 

@@ -252,22 +252,6 @@ def loader(stream: ShardStream) -> DataLoader:
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
-def check_shard_encoders(folder: Path, kind: str, model, name: str) -> None:
-    """Raise FingerprintMismatch naming the first shard not encoded by ``model``."""
-    from pipeline import shards
-    from pipeline.encoders import fingerprint
-    from pipeline.manifest import FingerprintMismatch
-
-    mine = fingerprint(model)
-    for sid in sorted(shards.done_shards(folder)):
-        rec = shards.read_stats(folder, sid)["encoders"].get(kind)
-        if rec is not None and rec["fingerprint"] != mine["fingerprint"]:
-            raise FingerprintMismatch(
-                f"shard {shards.shard_name(sid)}.tar in {folder} was encoded by {rec['class']} {rec['model']} "
-                f"(fingerprint {rec['fingerprint'][:12]}), but this run decodes with {name} (fingerprint "
-                f"{mine['fingerprint'][:12]}); train with the autoencoder that built the shards or rebuild them")
-
-
 def read_samples(folder: Path, entries: list[dict], n: int, latent_member: str) -> list[dict]:
     """The first ``n`` samples of the given manifest shard entries: {'key', 'latent' (the stored
     mean), 'caption'} (the descriptive caption, else the short one, else the alt-text)."""

@@ -24,7 +24,7 @@ import yaml
 from pipeline.config import RunConfig
 from training import checkpoint as ckpt
 from training import distributed as D
-from training.data import ShardStream, check_shard_encoders, loader
+from training.data import ShardStream, loader
 from training.loop import EMA, Metrics, lr_lambda, peak_flops
 from training.models import create_dit, forward, train_flops
 from training.objectives import Objective
@@ -66,7 +66,7 @@ class Trainer:
         vae_model = t.vae or self.kl["model"]
         vae_sub = t.vae_subfolder if t.vae else self.kl.get("subfolder")
         self.vae = load_vae(vae_model, vae_sub, "cpu")
-        check_shard_encoders(self.shards, "kl", self.vae, vae_model)  # refuses, naming the shard
+        shard_manifest.check_encoder(self.shards, "kl", self.vae, vae_model)  # refuses, naming the shard
         self.vae.to(self.d.device)
         self.vae_source = {"model": vae_model, "subfolder": vae_sub}
         torch.manual_seed(t.seed)

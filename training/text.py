@@ -19,10 +19,6 @@ from training.config import TextConditionConfig
 log = logging.getLogger(__name__)
 
 
-def _kwargs(subfolder):
-    return {"subfolder": subfolder} if subfolder else {}
-
-
 class TextEncoder:
     """A loaded tokenizer + encoder; ``encode`` gives (hidden states (N, T, E), mask (N, T))."""
 
