@@ -482,7 +482,7 @@ def build(cfg: RunConfig) -> dict:
                 log.error("building shard %s failed: %s (rerun to retry it)", sid, result)
     manifest.write(out, cfg.build, _planned(plan))
     shards.clear_staging(out)
-    funnel = build_funnel(Path(cfg.output))
+    funnel = build_funnel(Path(cfg.output), out)
     if failures:
         funnel["failed_shards"] = {str(k): str(v)[:500] for k, v in failures.items()}
     return funnel

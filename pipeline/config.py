@@ -14,7 +14,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from training.config import TrainDiffusionConfig
+from training.config import TrainARConfig, TrainAutoencoderConfig, TrainDiffusionConfig
 
 
 class ConfigError(ValueError):
@@ -245,6 +245,7 @@ class BuildConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Encoder compute: 'auto' is bf16 on "
                                                        "GPU, fp32 on CPU.")
     actors: Optional[int] = Field(None, gt=0, description="Encoder actors (null: one per GPU, else one per CPU).")
+    output: Optional[str] = Field(None, description="Shards folder; null: RUN/shards.")
     vae: AutoencoderConfig = Field(default_factory=AutoencoderConfig, description="KL autoencoder latents.")
     vq: VQConfig = Field(default_factory=VQConfig, description="VQ token indices.")
     text: TextEncoderConfig = Field(default_factory=TextEncoderConfig, description="Text embeddings.")
@@ -285,6 +286,9 @@ class RunConfig(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray and concurrency.")
     train_diffusion: TrainDiffusionConfig = Field(default_factory=TrainDiffusionConfig,
                                                   description="The latent diffusion trainer.")
+    train_ar: TrainARConfig = Field(default_factory=TrainARConfig, description="The autoregressive trainer.")
+    train_autoencoder: TrainAutoencoderConfig = Field(default_factory=TrainAutoencoderConfig,
+                                                      description="The autoencoder (VQ or KL) trainer.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -314,7 +318,7 @@ class RunConfig(_Strict):
 
     @property
     def shards_dir(self) -> Path:
-        return Path(self.output) / "shards"
+        return Path(self.build.output) if self.build.output else Path(self.output) / "shards"
 
     @property
     def train_shards(self) -> Path:
@@ -323,6 +327,27 @@ class RunConfig(_Strict):
     @property
     def diffusion_dir(self) -> Path:
         return Path(self.train_diffusion.output or Path(self.output) / "runs" / "diffusion")
+
+    @property
+    def ar_dir(self) -> Path:
+        return Path(self.train_ar.output or Path(self.output) / "runs" / "ar")
+
+    @property
+    def ar_shards(self) -> Path:
+        return Path(self.train_ar.data.shards) if self.train_ar.data.shards else self.shards_dir
+
+    @property
+    def autoencoder_dir(self) -> Path:
+        return Path(self.train_autoencoder.output or Path(self.output) / "runs" / "autoencoder")
+
+    @property
+    def autoencoder_shards(self) -> Path:
+        """The image shards the autoencoder trains on: data.shards, RUN/shards, or (source 'raw')
+        the image-only shards built from raw/ into the run folder."""
+        d = self.train_autoencoder.data
+        if d.source == "raw":
+            return self.autoencoder_dir / "images"
+        return Path(d.shards) if d.shards else self.shards_dir
 
 
 def _format_error(err: ValidationError, source: str) -> str:

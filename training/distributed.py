@@ -49,19 +49,22 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def wrap(model: torch.nn.Module, d: Dist, kind: str) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, d: Dist, kind: str, blocks=None, find_unused: bool = False) -> torch.nn.Module:
+    """DDP, or FSDP2 with ``fully_shard`` on each of ``blocks`` (default: the model's
+    ``transformer_blocks``) and then the root. ``find_unused``: DDP tolerates parameters that a
+    backward does not reach (a GAN's generator and discriminator passes)."""
     if d.world == 1:
         return model
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.transformer_blocks:
+        for block in (model.transformer_blocks if blocks is None else blocks):
             fully_shard(block)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [torch.device(d.device).index] if d.device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

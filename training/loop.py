@@ -16,9 +16,9 @@ class EMA:
     """Exponential moving average of a model's parameters, kept beside them (sharded like them
     under FSDP): ema <- decay * ema + (1 - decay) * param after each optimizer step."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, params: list | None = None):
         self.decay, self.model = decay, model
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
