@@ -104,6 +104,21 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _print_summary(summary: dict, run_dir: Path, artefact: str) -> None:
+    if summary.get("rank", 0) != 0:
+        return
+    line = f"trained {summary['steps']} steps ({summary['batches_per_epoch']} batches per epoch per rank)"
+    kinds = summary["caption_kinds"]
+    if kinds:
+        total = sum(kinds.values())
+        line += "; captions used: " + ", ".join(f"{k} {n / total:.1%}" for k, n in sorted(kinds.items()))
+    print(line)
+    if summary["faults"]:
+        print(f"{len(summary['faults'])} data fault(s) skipped, e.g. {summary['faults'][0]}")
+    print(f"run folder: {run_dir}  (checkpoints/, samples/, tb/, metrics.jsonl)")
+    print(f"{artefact}: {summary.get(artefact.split()[-1])}")
+
+
 def cmd_train_diffusion(args) -> int:
     from training.diffusion import ray_train_diffusion, train_diffusion
 
@@ -112,23 +127,57 @@ def cmd_train_diffusion(args) -> int:
         summary = ray_train_diffusion(cfg, args.resume, args.ray_workers, args.gpu)
     else:
         summary = train_diffusion(cfg, args.resume)
-    if summary.get("rank", 0) == 0:
-        kinds = summary["caption_kinds"]
-        total = sum(kinds.values()) or 1
-        print(f"trained {summary['steps']} steps ({summary['batches_per_epoch']} batches per epoch per rank); "
-              "captions used: " + ", ".join(f"{k} {n / total:.1%}" for k, n in sorted(kinds.items())))
-        if summary["faults"]:
-            print(f"{len(summary['faults'])} data fault(s) skipped, e.g. {summary['faults'][0]}")
-        print(f"run folder: {cfg.diffusion_dir}  (checkpoints/, samples/, tb/, metrics.jsonl)")
-        print(f"diffusers pipeline: {summary.get('pipeline')}")
+    _print_summary(summary, cfg.diffusion_dir, "diffusers pipeline")
+    return 0
+
+
+def cmd_train_ar(args) -> int:
+    from training.ar import ray_train_ar, train_ar
+
+    cfg = _load(args)
+    summary = ray_train_ar(cfg, args.resume, args.ray_workers, args.gpu) if args.ray_workers else \
+        train_ar(cfg, args.resume)
+    _print_summary(summary, cfg.ar_dir, "exported model")
+    return 0
+
+
+def cmd_train_autoencoder(args) -> int:
+    from training.autoencoder import ray_train_autoencoder, train_autoencoder
+
+    cfg = _load(args)
+    summary = ray_train_autoencoder(cfg, args.resume, args.ray_workers, args.gpu) if args.ray_workers else \
+        train_autoencoder(cfg, args.resume)
+    _print_summary(summary, cfg.autoencoder_dir, "diffusers model")
+    if summary.get("latent_statistics"):
+        s = summary["latent_statistics"]
+        print(f"latent scaling factor {s['scaling_factor']:.4f} (std {s['std']:.4f}, mean {s['mean']:.4f}); "
+              f"use it with build.{'vq' if cfg.train_autoencoder.kind == 'vq' else 'vae'}.model: {summary['model']}")
     return 0
 
 
 def cmd_sample(args) -> int:
-    from training.sample import sample_run
+    run = Path(args.run_dir)
+    kind = json.loads((run / "run.json").read_text()).get("kind", "diffusion") if (run / "run.json").exists() \
+        else None
+    if kind is None:
+        raise FileNotFoundError(f"{run / 'run.json'} not found: not a training run folder")
+    if kind == "autoencoder":
+        from training.autoencoder import sample_run
 
-    path = sample_run(Path(args.run_dir), args.prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                      sampler_name=args.sampler, out=args.out, device=args.device)
+        path = sample_run(run, images=args.images, out=args.out, device=args.device)
+    else:
+        if not args.prompt:
+            raise ValueError(f"{run} is a {kind} run: give --prompt (repeatable)")
+        if kind == "ar":
+            from training.ar import sample_run
+
+            path = sample_run(run, args.prompt, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, out=args.out, device=args.device)
+        else:
+            from training.sample import sample_run
+
+            path = sample_run(run, args.prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                              sampler_name=args.sampler, out=args.out, device=args.device)
     print(f"written: {path}")
     return 0
 
@@ -176,24 +225,36 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         p.set_defaults(func=cmd_stage)
 
-    p = sub.add_parser("train-diffusion", help="train a text-conditioned DiT on RUN/shards (train_diffusion section)")
-    p.add_argument("config")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
-    p.add_argument("--ray-workers", type=int, default=0, metavar="N",
-                   help="train on N Ray Train workers (on --ray-address, else a local Ray); "
-                   "default: this process, or the processes torchrun started")
-    p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
-    _common(p)
-    p.set_defaults(func=cmd_train_diffusion)
+    trainers = {"train-diffusion": ("train a text-conditioned DiT on RUN/shards' latents (train_diffusion section)",
+                                    cmd_train_diffusion),
+                "train-ar": ("train an autoregressive transformer on RUN/shards' VQ tokens (train_ar section)",
+                             cmd_train_ar),
+                "train-autoencoder": ("train a VQ or KL autoencoder on images (train_autoencoder section)",
+                                      cmd_train_autoencoder)}
+    for name, (text, func) in trainers.items():
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config")
+        p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
+        p.add_argument("--ray-workers", type=int, default=0, metavar="N",
+                       help="train on N Ray Train workers (on --ray-address, else a local Ray); "
+                       "default: this process, or the processes torchrun started")
+        p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
+        _common(p)
+        p.set_defaults(func=func)
 
-    p = sub.add_parser("sample", help="sample a grid PNG from a training run's newest checkpoint (EMA)")
+    p = sub.add_parser("sample", help="sample a grid PNG from a training run (diffusion, AR: prompts; "
+                       "autoencoder: originals beside reconstructions)")
     p.add_argument("run_dir")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one image each)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable: one image each)")
+    p.add_argument("--steps", type=int, help="diffusion: sampling steps (default: the run's sample.steps)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler"], help="default: the run's sample.sampler")
-    p.add_argument("--out", help="PNG path (default RUN/samples/sample-CHECKPOINT-seedK.png)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler"], help="diffusion; default: the run's")
+    p.add_argument("--temperature", type=float, help="AR: softmax temperature (0: greedy; default: the run's)")
+    p.add_argument("--top-k", type=int, help="AR: sample among the k most likely codes")
+    p.add_argument("--top-p", type=float, help="AR: nucleus mass")
+    p.add_argument("--images", type=int, default=8, help="autoencoder: images reconstructed")
+    p.add_argument("--out", help="PNG path (default RUN/samples/...)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample, verbose=False)
 

@@ -42,8 +42,10 @@ def _contiguous(sd: dict) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def save(folder: Path, step: int, model: dict, ema: dict, optimizer: dict, state: dict, keep: int) -> Path:
-    """Write one checkpoint atomically; remove all but the newest ``keep``."""
+def save(folder: Path, step: int, model: dict, ema: dict, optimizer: dict, state: dict, keep: int,
+         extra: dict | None = None) -> Path:
+    """Write one checkpoint atomically; remove all but the newest ``keep``. ``extra``: tensors of
+    trainer state outside the model (a VQ codebook's usage counters), ``extra.safetensors``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tmp-{PREFIX}{step:08d}-{uuid.uuid4().hex[:8]}"
@@ -52,6 +54,8 @@ def save(folder: Path, step: int, model: dict, ema: dict, optimizer: dict, state
     save_file(_contiguous(ema), tmp / "ema.safetensors")
     tensors, groups = _flatten_optimizer(optimizer)
     save_file(tensors, tmp / "optimizer.safetensors")
+    if extra:
+        save_file(_contiguous(extra), tmp / "extra.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=1))
     final = folder / f"{PREFIX}{step:08d}"
     if final.exists():
@@ -72,12 +76,13 @@ def latest(folder: Path) -> Path | None:
 
 
 def load(path: Path) -> dict:
-    """{'model', 'ema', 'optimizer', 'state'} of a checkpoint folder (tensors on the CPU)."""
+    """{'model', 'ema', 'optimizer', 'state', 'extra'} of a checkpoint folder (tensors on the CPU)."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
+    extra = load_file(path / "extra.safetensors") if (path / "extra.safetensors").exists() else {}
     return {"model": load_file(path / "model.safetensors"), "ema": load_file(path / "ema.safetensors"),
             "optimizer": _unflatten_optimizer(load_file(path / "optimizer.safetensors"), state.pop("param_groups")),
-            "state": state}
+            "state": state, "extra": extra}
 
 
 def load_weights(path: Path, which: str = "ema") -> dict:

@@ -253,6 +253,8 @@ class AEEvalConfig(_Strict):
 
 class TrainAutoencoderConfig(_TrainRun):
     output: Optional[str] = Field(None, description="Run folder; null: RUN/runs/autoencoder.")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA decay of the autoencoder weights used for grids, "
+                             "evaluation and the saved model (0: the trained weights themselves).")
     kind: Literal["vq", "kl"] = Field("vq", description="'vq': a diffusers VQModel (tokens for train-ar); "
                                       "'kl': an AutoencoderKL (latents for train-diffusion).")
     model: str = Field("tiny", description="Architecture: tiny (4x), f8 (SD-VAE-like), f16 (VQGAN-like), or a "

@@ -26,7 +26,7 @@ from training.models import create_dit, forward, train_flops
 from training.objectives import Objective
 from training.sample import decode, export_pipeline, generate, grid, load_vae, scale_latents
 from training.text import TextConditioner
-from training.trainer import BaseTrainer
+from training.trainer import BaseTrainer, held_out_split
 
 log = logging.getLogger(__name__)
 
@@ -166,17 +166,6 @@ class Trainer(BaseTrainer):
         path = export_pipeline(self.out / "pipeline", module, self.vae, self.text.source, self.objective.scheduler,
                                self.t.sample.sampler, self.t.text.max_length)
         return {"pipeline": str(path)}
-
-
-def held_out_split(manifest: dict, folder, holdout: int, needed: bool) -> tuple[list[dict], dict]:
-    """(the last ``holdout`` shard entries, the manifest without them) when ``needed``, else
-    ([], the manifest): evaluation compares against shards that are never trained on."""
-    if not needed:
-        return [], manifest
-    if len(manifest["shards"]) <= holdout:
-        raise ValueError(f"{folder} has {len(manifest['shards'])} shard(s): too few to hold {holdout} out "
-                         "for evaluation (eval.holdout_shards)")
-    return manifest["shards"][-holdout:], {**manifest, "shards": manifest["shards"][:-holdout]}
 
 
 def train_diffusion(cfg: RunConfig, resume: bool = False) -> dict:

@@ -89,13 +89,20 @@ def forward(model, latents, timesteps, text, mask):
                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
 
 
-def train_flops(model, latents, text, mask) -> int:
-    """FLOPs of one training step (forward and backward) at this batch, counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts as 2 FLOPs)."""
+def count_train_flops(loss_fn, model=None) -> int:
+    """FLOPs of one training step: ``loss_fn()``'s forward and its backward, counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts as 2 FLOPs); the
+    gradients of ``model`` are cleared after."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    t = torch.zeros(latents.shape[0], device=latents.device)
     with FlopCounterMode(display=False) as counter:
-        forward(model, latents, t, text, mask).float().square().mean().backward()
-    model.zero_grad(set_to_none=True)
+        loss_fn().backward()
+    if model is not None:
+        model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+def train_flops(model, latents, text, mask) -> int:
+    """FLOPs of one DiT training step at this batch (see ``count_train_flops``)."""
+    t = torch.zeros(latents.shape[0], device=latents.device)
+    return count_train_flops(lambda: forward(model, latents, t, text, mask).float().square().mean(), model)

@@ -75,6 +75,14 @@ class BaseTrainer:
                 "grad_accum": self.t.optim.grad_accum, "seed": self.t.seed, "batches_per_epoch": self.stream.n_batches,
                 "shards_sha256": hashlib.sha256(shard_list).hexdigest()}
 
+    def extra_state(self) -> dict:
+        """Tensors of trainer state outside the model, saved with each checkpoint (the same on every rank)."""
+        return {}
+
+    def load_extra(self, tensors: dict) -> None:
+        if tensors:
+            raise ValueError(f"unexpected extra state {sorted(tensors)} in the checkpoint")
+
     def run_facts(self) -> dict:
         """What ``tapir sample`` needs to rebuild the model, written to run.json."""
         return {}
@@ -96,6 +104,7 @@ class BaseTrainer:
                 raise ValueError(f"{found} was saved with other {', '.join(changed)} "
                                  f"({[then.get(k) for k in changed]}, now {[now[k] for k in changed]}): "
                                  "resume with the same to continue exactly")
+            self.load_extra(state["extra"])
             self.faults = s.get("faults", [])
             self.step, self.batches = s["step"], s["batches"]
             self.kinds = Counter(s.get("caption_kinds", {}))
@@ -227,7 +236,8 @@ class BaseTrainer:
         if self.d.main:
             state = {"batches": self.batches, "epoch": self.batches / self.stream.n_batches,
                      "caption_kinds": dict(self.kinds), "faults": self.faults, "data": self._data_facts()}
-            path = ckpt.save(self.out / "checkpoints", self.step, msd, esd, osd, state, self.t.keep_checkpoints)
+            path = ckpt.save(self.out / "checkpoints", self.step, msd, esd, osd, state, self.t.keep_checkpoints,
+                             self.extra_state())
             log.info("checkpoint %s", path)
         D.barrier(self.d)
 
@@ -249,3 +259,14 @@ class BaseTrainer:
     def _export(self, ema_state: dict) -> dict:
         """Rank 0 writes the run's final artefact from the EMA weights; what to add to the summary."""
         return {}
+
+
+def held_out_split(manifest: dict, folder, holdout: int, needed: bool) -> tuple[list[dict], dict]:
+    """(the last ``holdout`` shard entries, the manifest without them) when ``needed``, else
+    ([], the manifest): evaluation compares against shards that are never trained on."""
+    if not needed:
+        return [], manifest
+    if len(manifest["shards"]) <= holdout:
+        raise ValueError(f"{folder} has {len(manifest['shards'])} shard(s): too few to hold {holdout} out "
+                         "for evaluation (eval.holdout_shards)")
+    return manifest["shards"][-holdout:], {**manifest, "shards": manifest["shards"][:-holdout]}
