@@ -96,7 +96,8 @@ class ARTransformer(torch.nn.Module):
         self.llm.activation_checkpointing_enable(**kwargs)
 
     def condition(self, text_emb: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """The text prefix (B, T, D); padding positions are zero, so only their mask-out matters."""
+        """The text prefix (B, T, D). Padding is zeroed as well as masked out of attention: with right padding
+        position T-1 (which predicts the first code) is padding, and its own input reaches its output."""
         x = self.text_proj(text_emb)
         return x * text_mask[..., None].to(x.dtype)
 
@@ -106,7 +107,8 @@ class ARTransformer(torch.nn.Module):
         w = self.grid[1]
         return self.llm.model.embed_tokens(tokens) + self.row_embed(i // w) + self.col_embed(i % w)
 
-    def hidden(self, inputs: torch.Tensor, mask: torch.Tensor, start: int = 0, cache: DynamicCache | None = None):
+    def hidden(self, inputs: torch.Tensor, mask: torch.Tensor, start: int = 0,
+               cache: DynamicCache | None = None) -> torch.Tensor:
         """The LLM's last hidden states for ``inputs`` (B, n, D) at sequence positions start .. start+n-1;
         ``mask`` (B, start+n) covers the whole sequence so far, ``cache`` holds positions before start."""
         positions = torch.arange(start, start + inputs.shape[1], device=inputs.device)[None]
@@ -165,7 +167,7 @@ def _sample(model: ARTransformer, text_emb, text_mask, null_emb, null_mask, cfg_
             elif i == 0:  # prefill: the text prefix
                 x, start = prefix, 0
             else:  # the newest code, after the cached positions
-                x, start = model.embed(streams[:, -1:], i), t + i - 1
+                x, start = model.embed(streams[:, -1:], i - 1), t + i - 1
             logits = model.llm.lm_head(model.hidden(x, mask[:, :t + i], start, cache)[:, -1]).float()
             if guided:
                 cond, uncond = logits.chunk(2)
