@@ -124,9 +124,16 @@ class ARTrainer(BaseTrainer):
     def _sample(self, emb, mask, seed: int) -> torch.Tensor:
         s = self.t.sample
         gen = torch.Generator(device=self.d.device).manual_seed(seed)
+        fsdp = self.t.distributed == "fsdp" and self.d.world > 1
         with self.ema.swapped(), self.autocast:
-            tokens = sample(self._module(), emb, mask, *self.text.null, cfg_scale=s.cfg, temperature=s.temperature,
-                            top_k=s.top_k, top_p=s.top_p, generator=gen)
+            if fsdp:  # the sampler runs the decoder layers (sharded each) below the root: gather the root's own
+                self.model.unshard()
+            try:
+                tokens = sample(self._module(), emb, mask, *self.text.null, cfg_scale=s.cfg,
+                                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=gen)
+            finally:
+                if fsdp:
+                    self.model.reshard()
         return decode_tokens(self.vq, tokens, self.grid_hw)
 
     def sample_grid(self) -> Path | None:

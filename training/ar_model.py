@@ -138,8 +138,8 @@ def sample(model: ARTransformer, text_emb: torch.Tensor, text_mask: torch.Tensor
     guided as LlamaGen's: uncond + cfg_scale * (cond - uncond). ``temperature`` 0 is greedy; otherwise
     temperature, top-k and top-p filter the logits before a draw from ``generator``. ``use_cache=False``
     recomputes the whole sequence at every step (the reference for the cache)."""
-    return _sample(model, text_emb, text_mask, null_emb, null_mask, cfg_scale, temperature, top_k, top_p,
-                   generator, use_cache, guided=cfg_scale != 1.0)
+    return _sample(model, text_emb, text_mask, null_emb, null_mask, float(cfg_scale), float(temperature), top_k,
+                   top_p, generator, use_cache, guided=cfg_scale != 1.0)
 
 
 def _sample(model: ARTransformer, text_emb, text_mask, null_emb, null_mask, cfg_scale, temperature, top_k, top_p,
