@@ -186,7 +186,9 @@ def training_visuals(run: Path, out: Path) -> tuple[Path, Path] | None:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"train-diffusion loss ({run.name})")
+    kind = json.loads((run / "run.json").read_text()).get("kind", "diffusion") if (run / "run.json").exists() \
+        else "diffusion"
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"{kind} loss ({run.name})")
     fig.tight_layout()
     curve = out / f"{run.name}_loss.png"
     fig.savefig(curve, dpi=100)

@@ -159,7 +159,9 @@ def test_report_command(reference_run):
 
 def test_demo(tmp_path):
     proc = _run(["demo", "--output", tmp_path / "demo", "--rows", "80", "--set", "train_diffusion.max_steps=40",
-                 "--set", "train_diffusion.sample.every=20", "--set", "train_diffusion.data.batch_size=8"])
+                 "--set", "train_diffusion.sample.every=20", "--set", "train_diffusion.data.batch_size=8",
+                 "--set", "train_autoencoder.max_steps=12", "--set", "train_autoencoder.sample.every=6",
+                 "--set", "train_ar.max_steps=20", "--set", "train_ar.sample.every=10"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     funnel = json.loads((tmp_path / "demo" / "report" / "funnel.json").read_text())
     download, score, select = funnel["download"], funnel["score"], funnel["select"]
@@ -173,6 +175,13 @@ def test_demo(tmp_path):
     manifest = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
     assert set(manifest["encoders"]) == {"kl", "vq", "text"} and manifest["complete"]
     assert "latent_mean.npy" in manifest["members"] and "tokens.npy" in manifest["members"]
+    runs = tmp_path / "demo" / "runs"  # the build encoded with the autoencoders the demo trained
+    assert manifest["encoders"]["vq"]["model"] == str(runs / "autoencoder-vq" / "model")
+    assert manifest["encoders"]["kl"]["model"] == str(runs / "autoencoder-kl" / "model")
+    assert manifest["encoders"]["kl"]["scaling_factor"] != 1.0  # measured on the training images
+    assert (runs / "ar" / "model" / "tapir_ar.json").exists() and (runs / "ar" / "samples" / "step-00000020.png").exists()
+    html = (tmp_path / "demo" / "report" / "index.html").read_text()
+    assert all(f"runs/{name}" in html for name in ("autoencoder-vq", "autoencoder-kl", "diffusion", "ar"))
     run = tmp_path / "demo" / "runs" / "diffusion"
     assert "diffusion:" in proc.stdout and (run / "pipeline" / "model_index.json").exists()
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000020.png", "step-00000040.png"]
