@@ -28,9 +28,13 @@ import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, VQModel
 
 # Encoder/decoder sizes as diffusers arguments; the downsampling factor is 2^(len(block_out_channels) - 1)
 AE_SIZES: dict[str, dict] = {
@@ -39,7 +43,7 @@ AE_SIZES: dict[str, dict] = {
     "f8": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32,
            "latent_channels": 4},  # 8x: Stable Diffusion's VAE
     "f16": {"block_out_channels": (128, 128, 256, 256, 512), "layers_per_block": 2, "norm_num_groups": 32,
-            "latent_channels": 16},  # 16x: VQGAN's encoder (channel multipliers 1, 1, 2, 2, 4)
+            "latent_channels": 16},  # 16x: VQGAN's encoder (channel multipliers 1, 1, 2, 2, 4), LDM's KL-f16 latents
 }
 
 
@@ -55,7 +59,7 @@ def autoencoder_arguments(size: str) -> dict:
 
 
 def create_autoencoder(kind: str, size: str, *, latent_channels: int | None = None, codebook_size: int = 1024,
-                       sample_size: int = 256):
+                       sample_size: int = 256) -> VQModel | AutoencoderKL:
     """A fresh ``VQModel`` (kind "vq": ``codebook_size`` codes of dimension ``latent_channels``) or
     ``AutoencoderKL`` (kind "kl") for RGB images; scaling factor 1 until ``set_scaling``."""
     from diffusers import AutoencoderKL, VQModel
