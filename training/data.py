@@ -159,7 +159,22 @@ class ShardStream(IterableDataset):
             kinds = list(cfg.caption_probs)
             probs = np.array([cfg.caption_probs[k] for k in kinds], dtype=np.float64)
             self.kinds, self.probs = kinds, probs / probs.sum()
+        self.wanted = self._wanted_members()
         self.consumed, self.epochs = 0, None
+
+    def _wanted_members(self) -> set[str]:
+        """The members a batch is made of; the rest of each sample (the image beside latents, the
+        json, pooled vectors, kinds not drawn) is skipped without being copied out of the tar."""
+        suffixes = [""] + (["_flip"] if self.cfg.flip and self.has_flip else [])
+        if self.payload == "image":
+            wanted = set(self.members)
+        else:
+            wanted = {f"{m}{x}.npy" for m in self.members for x in suffixes}
+        if self.captions:
+            wanted |= set(CAPTION_MEMBERS.values())
+            for kind in self.text_kinds or []:
+                wanted |= {f"text_emb_{kind}.npy", f"text_mask_{kind}.npy"}
+        return wanted
 
     def set_start(self, consumed: int = 0, epochs: int | None = None) -> None:
         """Start after ``consumed`` batches of this rank (resume); stop after ``epochs`` epochs
@@ -175,7 +190,8 @@ class ShardStream(IterableDataset):
         want = self.counts[shard] if stop is None else stop
         try:
             with open(self.folder / name, "rb") as f:
-                for sample in group_by_keys({**m, "__url__": name} for m in tar_file_iterator(f)):
+                members = tar_file_iterator(f, select_files=lambda n: n.rpartition("/")[2].partition(".")[2] in self.wanted)
+                for sample in group_by_keys({**m, "__url__": name} for m in members):
                     if n >= want:
                         return
                     if n >= start:
