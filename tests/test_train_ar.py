@@ -170,3 +170,31 @@ def test_tokens_from_another_vq_model_are_refused_naming_the_shard(shards):
     root, models = shards
     with pytest.raises(FingerprintMismatch, match=r"shard 00000\.tar in .* was encoded by VQModel .*vq-other"):
         train_ar(_cfg(root, "refused", "train_ar.max_steps=1", f"train_ar.vq={models['vq_other']}"))
+
+
+def test_ray_train_runs_the_same_loop_as_torchrun(shards):
+    """TorchTrainer with two CPU workers on the local Ray: the per-step losses of the two-process
+    torchrun DDP run (same seed, data split and world size)."""
+    from training.ar import ray_train_ar
+
+    root, _ = shards
+    ddp = _torchrun(root, "ddp")
+    cfg = _cfg(root, "ray", "train_ar.max_steps=8", "train_ar.checkpoint_every=4", "train_ar.data.batch_size=4",
+               "train_ar.data.workers=1", "train_ar.sample.every=4")
+    summary = ray_train_ar(cfg, resume=False, workers=2, use_gpu=False)
+    assert summary["world"] == 2 and summary["steps"] == 8 and summary["model"]
+    assert np.allclose(_losses(root / "ray"), _losses(ddp), rtol=1e-3, atol=1e-4)
+
+
+def test_compile_and_activation_checkpointing_train_like_eager(trained):
+    """torch.compile (inductor) and activation checkpointing change how a step is computed, not
+    what: the first losses equal the eager reference run's."""
+    from pipeline.config import RunConfig
+    from training.ar import train_ar
+
+    ref, path, _ = trained
+    data = yaml.safe_load(path.read_text())
+    data["train_ar"].update(output=str(ref.parent / "compiled"), max_steps=3, compile=True,
+                            gradient_checkpointing=True, sample={**data["train_ar"]["sample"], "every": 0})
+    train_ar(RunConfig.model_validate(data))
+    assert np.allclose(_losses(ref.parent / "compiled"), _losses(ref)[:3], rtol=1e-3, atol=1e-4)

@@ -80,6 +80,7 @@ class ARTrainer(BaseTrainer):
         evaluating = bool(t.eval.every and t.eval.clip_model)
         self.text = TextConditioner(t.text, manifest, list(t.data.caption_probs), self.d.device, t.sample.prompts,
                                     self.autocast, keep_encoder=evaluating)
+        torch.manual_seed(t.seed)  # the weights depend on the seed alone, not on what loading drew before
         model = ARTransformer(t.model, vq.config.num_vq_embeddings, self.grid_hw, self.text.dim,
                               t.text.max_length).to(self.d.device)
         if t.gradient_checkpointing:

@@ -156,7 +156,7 @@ class ShardStream(IterableDataset):
         if self.captions:
             # with pre-computed embeddings a caption can only fall back to a kind that was embedded
             self.fallback = [k for k in cfg.caption_fallback if text_kinds is None or k in text_kinds]
-            kinds = list(cfg.caption_probs)
+            kinds = sorted(cfg.caption_probs)  # the draw must not depend on the config's key order
             probs = np.array([cfg.caption_probs[k] for k in kinds], dtype=np.float64)
             self.kinds, self.probs = kinds, probs / probs.sum()
         self.wanted = self._wanted_members()
