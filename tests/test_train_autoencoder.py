@@ -156,3 +156,31 @@ def test_a_kl_autoencoder_with_perceptual_and_adversarial_terms(vq_run, run_dir,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert np.asarray(Image.open(png)).shape[:2] == (2 * 32 + 6, 4 * 32 + 10)  # originals over reconstructions
+
+
+def test_discriminator_gradients_accumulate_over_micro_batches(vq_run, run_dir):
+    """With grad_accum 2, the discriminator steps on the sum of both micro-batches' gradients: the
+    generator pass of the second must not wipe what the first's discriminator pass left."""
+    import torch
+
+    from training.autoencoder import AETrainer
+    from training.distributed import unwrap
+
+    cfg = _cfg(run_dir, "accum", "train_autoencoder.kind=kl", "train_autoencoder.max_steps=1",
+               f"train_autoencoder.data.shards={run_dir / 'vq' / 'images'}", "train_autoencoder.data.workers=0",
+               "train_autoencoder.loss.adversarial_weight=0.5", "train_autoencoder.optim.grad_accum=2")
+    trainer = AETrainer(cfg)
+    batches = trainer._batches()
+    b1, b2 = next(batches), next(batches)
+    disc = list(unwrap(trainer.model).disc.parameters())
+
+    def grads_after(*micro):
+        trainer.opt.zero_grad(set_to_none=True)
+        for i, b in micro:
+            trainer._micro(b, i, i == 1)
+        return [p.grad.clone() for p in disc]
+
+    first, second = grads_after((0, b1)), grads_after((1, b2))
+    both = grads_after((0, b1), (1, b2))
+    assert all(torch.allclose(g, f + s, atol=1e-6) for g, f, s in zip(both, first, second))
+    assert any(f.abs().sum() > 0 for f in first)

@@ -98,15 +98,13 @@ class AETrainer(BaseTrainer):
 
         super().__init__(cfg, cfg.train_autoencoder, cfg.autoencoder_dir)
         t = self.t
-        if t.distributed == "fsdp" and self.d.world > 1:
-            raise ValueError("train_autoencoder.distributed: autoencoders train with ddp (their weights fit on "
-                             "every GPU; FSDP shards transformer blocks)")
-        if t.data.source == "raw" and self.d.main:
+        if t.data.source == "raw" and self.d.main:  # under torchrun; `ray_train_autoencoder` prepares first
             prepare_images(cfg)
         D.barrier(self.d)
         self.shards = cfg.autoencoder_shards
         manifest = shard_manifest.load(self.shards)
         self.resolution = image_geometry(manifest, self.shards)
+        torch.manual_seed(t.seed)  # the weights (and the EMA codebook's sums) depend on the seed alone
         ae = A.create_autoencoder(t.kind, t.model, latent_channels=t.latent_channels, codebook_size=t.codebook_size,
                                   sample_size=self.resolution)
         if t.gradient_checkpointing:
@@ -175,10 +173,13 @@ class AETrainer(BaseTrainer):
                 w = A.adaptive_weight(nll, g, self._ae().decoder.conv_out.weight) if lo.adaptive_weight else 1.0
                 loss = loss + lo.adversarial_weight * w * g
                 out.update(generator_adv=g.item(), adv_weight=float(w))
+            disc = list(D.unwrap(self.model).disc.parameters()) if adversarial else []
+            # what earlier micro-batches' discriminator passes accumulated (copied: backward adds in place)
+            kept = [None if p.grad is None else p.grad.clone() for p in disc]
             (loss / accum).backward()
         if adversarial:  # the discriminator's own step on the same batch; drop what the generator's pass gave it
-            for p in D.unwrap(self.model).disc.parameters():
-                p.grad = None
+            for p, g in zip(disc, kept):
+                p.grad = g
             with D.no_sync(self.model, not last), self.autocast:
                 real, fake = self.fwd(x, fake=rec.detach())
                 d_loss = A.hinge_d_loss(real.float(), fake.float())
@@ -231,7 +232,8 @@ class AETrainer(BaseTrainer):
             self._grid_images = self._reference(n)
         x = self._grid_images
         rec, _ = self.reconstruct(x)
-        return self._save_grid(grid(side_by_side(x, rec.cpu()), nrow=min(n, 8)))
+        per_row = min(n, 8)
+        return self._save_grid(grid(side_by_side(x, rec.cpu(), per_row), nrow=per_row))
 
     def evaluate(self) -> dict:
         """Reconstruction MSE and PSNR, codebook usage and perplexity of the held-out images, and a
@@ -281,10 +283,13 @@ class AETrainer(BaseTrainer):
 
 
 def side_by_side(originals: torch.Tensor, reconstructions: torch.Tensor, per_row: int = 8) -> torch.Tensor:
-    """uint8 images: each row of ``per_row`` originals followed by a row of their reconstructions."""
+    """uint8 images: each row of ``per_row`` originals followed by a row of their reconstructions
+    (a short last row padded with white, so every reconstruction sits under its original)."""
     rows = []
     for i in range(0, len(originals), per_row):
-        rows += [originals[i:i + per_row], reconstructions[i:i + per_row]]
+        for part in (originals[i:i + per_row], reconstructions[i:i + per_row]):
+            pad = torch.ones((per_row - len(part), *part.shape[1:]), dtype=part.dtype)
+            rows.append(torch.cat([part, pad]))
     return to_uint8(torch.cat(rows))
 
 
@@ -316,7 +321,8 @@ def sample_run(run_dir: Path, images: int = 8, out: Path | None = None, device: 
         rec = ae(x).sample.float().clamp(-1, 1).cpu()  # VQModel: encode, quantize, decode; KL: the mode
     out = Path(out) if out else run_dir / "samples" / "reconstructions.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid(side_by_side(x.cpu(), rec), nrow=min(images, 8)).save(out)
+    per_row = min(images, 8)
+    grid(side_by_side(x.cpu(), rec, per_row), nrow=per_row).save(out)
     return out
 
 
@@ -332,6 +338,8 @@ def ray_train_autoencoder(cfg: RunConfig, resume: bool, workers: int, use_gpu: b
     """The same loop on a Ray cluster, one TorchTrainer worker per process."""
     from pipeline import ray_backend
 
+    if cfg.train_autoencoder.data.source == "raw":  # in the driver: the build's actors need the CPUs the
+        prepare_images(cfg)                         # Train workers would hold
     ray_backend.run_torch_trainer(_ray_loop, {"config": cfg.model_dump(mode="json"), "resume": resume},
                                   workers, use_gpu, cfg.resources.ray_address, cfg.resources.num_cpus)
     return json.loads((cfg.autoencoder_dir / "rank-0.json").read_text())

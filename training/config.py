@@ -87,7 +87,8 @@ class OptimConfig(_Strict):
     schedule: Literal["constant", "cosine"] = Field("constant", description="After warm-up: constant, or cosine "
                                                     "decay to min_lr_ratio at max_steps.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate of the cosine, as a fraction.")
-    grad_clip: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm (null: no clipping).")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="Clip the gradient norm (null: no clipping), of each "
+                                       "parameter group apart (an autoencoder's and its discriminator's).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
 
 
@@ -214,13 +215,15 @@ class QuantizerConfig(_Strict):
         "by exponential moving averages (VQ-VAE appendix), commitment loss only.")
     beta: float = Field(0.25, ge=0, description="Commitment loss weight.")
     ema_decay: float = Field(0.99, gt=0, lt=1, description="Decay of the EMA codebook updates.")
-    restart_after: Optional[int] = Field(100, gt=0, description="Restart a code unused for N steps with an "
-                                         "encoder output of the batch (null: never).")
+    restart_after: Optional[int] = Field(100, gt=0, description="Restart a code unused for N micro-batches "
+                                         "(steps x grad_accum) with an encoder output of the batch (null: never).")
 
 
 class AELossConfig(_Strict):
     reconstruction: Literal["l1", "mse"] = Field("l1", description="Pixel reconstruction loss.")
-    kl_weight: float = Field(1e-6, ge=0, description="KL autoencoder: weight of the KL to N(0, I) (SD's VAE: 1e-6).")
+    kl_weight: float = Field(1e-6, ge=0, description="KL autoencoder: weight of the KL to N(0, I). Here it and "
+                             "the reconstruction are means per element; LDM sums both per image, so its 1e-6 "
+                             "weighs 3*f^2/C times less than the same number here (f downsampling, C channels).")
     perceptual_weight: float = Field(0.0, ge=0, description="Weight of the LPIPS-style feature distance (0: off).")
     perceptual_network: str = Field("tf_efficientnet_lite0", description="timm feature network of the "
                                     "perceptual distance (no LPIPS/VGG weights can be assumed).")
@@ -237,15 +240,15 @@ class AELossConfig(_Strict):
 class AESampleConfig(_Strict):
     every: int = Field(1000, ge=0, description="Write originals beside reconstructions every N steps "
                        "(0: only at the end).")
-    images: int = Field(8, gt=0, description="Held-out images in the grid.")
+    images: int = Field(8, gt=0, description="Images in the grid: held-out ones with evaluation on, else the "
+                        "first training images.")
 
 
 class AEEvalConfig(_Strict):
     every: int = Field(0, ge=0, description="Evaluate every N steps (0: never): reconstruction MSE, PSNR, "
                        "codebook usage, and a Fréchet distance when clip_model is set.")
     samples: int = Field(64, gt=1, description="Held-out images per evaluation.")
-    holdout_shards: int = Field(1, gt=0, description="The last N shards are not trained on (with evaluation on, "
-                                "or sample grids).")
+    holdout_shards: int = Field(1, gt=0, description="With evaluation on: the last N shards are not trained on.")
     clip_model: Optional[str] = Field(None, description="open_clip model of the Fréchet features (null: none).")
     clip_pretrained: Optional[str] = Field(None, description="open_clip pretrained tag or local weights path.")
     fid: Literal["auto", "inception", "clip"] = Field("auto", description="Fréchet features (as train_diffusion).")
@@ -255,6 +258,8 @@ class TrainAutoencoderConfig(_TrainRun):
     output: Optional[str] = Field(None, description="Run folder; null: RUN/runs/autoencoder.")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA decay of the autoencoder weights used for grids, "
                              "evaluation and the saved model (0: the trained weights themselves).")
+    distributed: Literal["ddp"] = Field("ddp", description="With several processes: DDP (an autoencoder's weights "
+                                        "fit on every GPU).")
     kind: Literal["vq", "kl"] = Field("vq", description="'vq': a diffusers VQModel (tokens for train-ar); "
                                       "'kl': an AutoencoderKL (latents for train-diffusion).")
     model: str = Field("tiny", description="Architecture: tiny (4x), f8 (SD-VAE-like), f16 (VQGAN-like), or a "
