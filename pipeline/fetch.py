@@ -21,6 +21,7 @@ import http.client
 import ipaddress
 import socket
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
@@ -43,27 +44,49 @@ class FetchPolicy:
     read_deadline: float = 30.0
 
 
+# Refused networks, from the IANA special-purpose address registries, spelled out rather than
+# read from ipaddress's is_private / is_global, whose answers change between Python patch releases.
+_NETWORKS = [(kind, ipaddress.ip_network(net)) for kind, nets in {
+    "loopback": ["127.0.0.0/8", "::1/128"],
+    "cloud-metadata": ["169.254.169.254/32", "fd00:ec2::254/128", "100.100.100.200/32",
+                       "168.63.129.16/32"],  # AWS, AWS IPv6, Alibaba, Azure's wireserver
+    "link-local": ["169.254.0.0/16", "fe80::/10"],
+    "multicast": ["224.0.0.0/4", "ff00::/8"],
+    "unspecified": ["0.0.0.0/8", "::/128"],
+    "private": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
+    "site-local": ["fec0::/10"],
+    "reserved": ["100.64.0.0/10", "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24",
+                 "203.0.113.0/24", "240.0.0.0/4", "255.255.255.255/32", "::/8", "100::/64", "2001:db8::/32",
+                 "2001:10::/28", "2001:20::/28", "3fff::/20", "5f00::/16"],
+}.items() for net in nets]
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries: IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible
+    (::a.b.c.d), NAT64 (64:ff9b::/96), 6to4 (2002::/16) or Teredo's client (2001::/32)."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    packed = addr.packed
+    if packed[:12] == bytes(12) and int(addr) > 1 or addr in ipaddress.ip_network("64:ff9b::/96"):
+        return ipaddress.IPv4Address(packed[12:])
+    return None
+
+
 def address_class(ip: str) -> str | None:
-    """The refused class of an IP address, or None when it is a public unicast address."""
+    """The refused class of an IP address, or None when it is a public unicast address. An IPv6
+    address that embeds an IPv4 one (mapped, compatible, NAT64, 6to4, Teredo) is judged by it."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if addr.is_loopback:
-        return "loopback"
-    if str(addr) in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200"):
-        return "cloud-metadata"
-    if addr.is_link_local:
-        return "link-local"
-    if addr.is_multicast:
-        return "multicast"
-    if addr.is_unspecified:
-        return "unspecified"
-    if addr.is_reserved:
-        return "reserved"
-    if addr.is_private:
-        return "private"
-    if not addr.is_global:
-        return "reserved"
+    if isinstance(addr, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(addr)
+        if inner is not None:
+            return address_class(str(inner))
+    for kind, net in _NETWORKS:
+        if addr.version == net.version and addr in net:
+            return kind
     return None
 
 
@@ -165,6 +188,9 @@ def build_opener(policy: FetchPolicy) -> urllib.request.OpenerDirector:
         max_redirections = policy.max_redirects
 
         def redirect_request(self, req, fp, code, msg, headers, newurl):
+            if len(getattr(req, "redirect_dict", {})) >= policy.max_redirects:  # urllib lets the first one by
+                raise urllib.error.HTTPError(req.full_url, code, f"redirect error: more than "
+                                             f"{policy.max_redirects} redirect(s)", headers, fp)
             scheme = newurl.split(":", 1)[0].lower()
             if scheme not in ("http", "https"):
                 raise FetchRefused(f"{REFUSED}: redirect to scheme {scheme!r}")

@@ -47,6 +47,15 @@ def _refused(url, policy=STRICT):
     ("http://100.64.0.1/x.jpg", "reserved"),
     ("http://[::ffff:10.0.0.1]/x.jpg", "private"),
     ("http://[::ffff:127.0.0.1]:9/x.jpg", "loopback"),
+    ("http://[2002:a00:1::1]/x.jpg", "private"),                       # 6to4 of 10.0.0.1
+    ("http://[2002:a9fe:a9fe::1]/x.jpg", "cloud-metadata"),            # 6to4 of 169.254.169.254
+    ("http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/x.jpg", "private"),  # Teredo, client 10.0.0.1
+    ("http://[64:ff9b::7f00:1]/x.jpg", "loopback"),                    # NAT64 of 127.0.0.1
+    ("http://[::10.0.0.1]/x.jpg", "private"),                          # IPv4-compatible
+    ("http://[fec0::1]/x.jpg", "site-local"),
+    ("http://168.63.129.16/machine/", "cloud-metadata"),               # Azure's wireserver
+    ("http://198.18.0.1/x.jpg", "reserved"),
+    ("http://[2001:db8::1]/x.jpg", "reserved"),
 ])
 def test_refused_address_classes(url, kind):
     assert f"{kind} address" in _refused(url)
@@ -60,6 +69,8 @@ def test_refused_schemes(url):
 def test_address_class_public():
     assert address_class("93.184.215.14") is None
     assert address_class("2606:4700::1111") is None
+    assert address_class("2002:5db8:d70e::1") is None  # 6to4 of the public 93.184.215.14
+    assert address_class("64:ff9b::808:808") is None    # NAT64 of 8.8.8.8
 
 
 @pytest.fixture
@@ -67,6 +78,7 @@ def fake_public_host():
     """'images.example' resolves to a public address whose port 80 is a loopback server."""
     resources = {
         "/ok.jpg": Resource(body=b"\xff\xd8jpeg"),
+        "/one-hop": Resource(status=302, redirect="/ok.jpg"),
         "/to-private": Resource(status=302, redirect="http://10.0.0.5/x.jpg"),
         "/to-metadata": Resource(status=301, redirect="http://169.254.169.254/latest/meta-data/"),
         "/to-loopback": Resource(status=302, redirect="http://127.0.0.1:9/x.jpg"),
@@ -112,6 +124,14 @@ def test_byte_cap(fake_public_host):
 def test_read_deadline_stops_a_trickle(fake_public_host):
     with pytest.raises(TimeoutError, match="tapir-deadline"):
         build_opener(STRICT).open("http://images.example/trickle", timeout=2).read()
+
+
+def test_max_redirects_is_exact(fake_public_host):
+    """urllib lets a first redirect through whatever its limit: max_redirects 0 must refuse it."""
+    with pytest.raises(urllib.error.HTTPError, match="redirect error: more than 0"):
+        build_opener(FetchPolicy(max_redirects=0)).open("http://images.example/one-hop", timeout=2)
+    assert build_opener(FetchPolicy(max_redirects=1)).open("http://images.example/one-hop", timeout=2).read() == \
+        b"\xff\xd8jpeg"
 
 
 def test_redirect_loop_is_cut(fake_public_host):
