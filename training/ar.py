@@ -25,7 +25,7 @@ from training.data import ShardStream
 from training.loop import peak_flops
 from training.sample import grid
 from training.text import TextConditioner
-from training.trainer import BaseTrainer, held_out_split
+from training.trainer import BaseTrainer, held_out_split, train, train_on_ray
 
 log = logging.getLogger(__name__)
 
@@ -234,21 +234,9 @@ def sample_run(run_dir: Path, prompts: list[str], *, cfg: float | None = None, t
 
 def train_ar(cfg: RunConfig, resume: bool = False) -> dict:
     """Train (or resume) the AR run of ``cfg``; return the run's summary."""
-    try:
-        return ARTrainer(cfg, resume).fit()
-    finally:
-        D.cleanup()
+    return train(ARTrainer, cfg, resume)
 
 
 def ray_train_ar(cfg: RunConfig, resume: bool, workers: int, use_gpu: bool) -> dict:
     """The same loop on a Ray cluster, one TorchTrainer worker per process."""
-    from pipeline import ray_backend
-
-    ray_backend.run_torch_trainer(_ray_loop, {"config": cfg.model_dump(mode="json"), "resume": resume},
-                                  workers, use_gpu, cfg.resources.ray_address, cfg.resources.num_cpus)
-    return json.loads((cfg.ar_dir / "rank-0.json").read_text())
-
-
-def _ray_loop(config: dict) -> None:
-    summary = ARTrainer(RunConfig.model_validate(config["config"]), config["resume"]).fit()
-    log.info("rank %d finished at step %d", summary["rank"], summary["steps"])
+    return train_on_ray(ARTrainer, cfg, resume, workers, use_gpu, cfg.ar_dir)

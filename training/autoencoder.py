@@ -31,7 +31,7 @@ from training import autoencoders as A
 from training import distributed as D
 from training.data import ShardStream, read_samples
 from training.sample import grid
-from training.trainer import BaseTrainer, held_out_split, seed_of
+from training.trainer import BaseTrainer, held_out_split, seed_of, train, train_on_ray
 
 log = logging.getLogger(__name__)
 
@@ -328,23 +328,11 @@ def sample_run(run_dir: Path, images: int = 8, out: Path | None = None, device: 
 
 def train_autoencoder(cfg: RunConfig, resume: bool = False) -> dict:
     """Train (or resume) the autoencoder run of ``cfg``; return the run's summary."""
-    try:
-        return AETrainer(cfg, resume).fit()
-    finally:
-        D.cleanup()
+    return train(AETrainer, cfg, resume)
 
 
 def ray_train_autoencoder(cfg: RunConfig, resume: bool, workers: int, use_gpu: bool) -> dict:
     """The same loop on a Ray cluster, one TorchTrainer worker per process."""
-    from pipeline import ray_backend
-
     if cfg.train_autoencoder.data.source == "raw":  # in the driver: the build's actors need the CPUs the
         prepare_images(cfg)                         # Train workers would hold
-    ray_backend.run_torch_trainer(_ray_loop, {"config": cfg.model_dump(mode="json"), "resume": resume},
-                                  workers, use_gpu, cfg.resources.ray_address, cfg.resources.num_cpus)
-    return json.loads((cfg.autoencoder_dir / "rank-0.json").read_text())
-
-
-def _ray_loop(config: dict) -> None:
-    summary = AETrainer(RunConfig.model_validate(config["config"]), config["resume"]).fit()
-    log.info("rank %d finished at step %d", summary["rank"], summary["steps"])
+    return train_on_ray(AETrainer, cfg, resume, workers, use_gpu, cfg.autoencoder_dir)

@@ -12,7 +12,6 @@ at the end, the diffusers pipeline folder.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from training.models import create_dit, forward, train_flops
 from training.objectives import Objective
 from training.sample import decode, export_pipeline, generate, grid, load_vae, scale_latents
 from training.text import TextConditioner
-from training.trainer import BaseTrainer, held_out_split
+from training.trainer import BaseTrainer, held_out_split, train, train_on_ray
 
 log = logging.getLogger(__name__)
 
@@ -170,22 +169,9 @@ class Trainer(BaseTrainer):
 
 def train_diffusion(cfg: RunConfig, resume: bool = False) -> dict:
     """Train (or resume) the diffusion run of ``cfg``; return the run's summary."""
-    try:
-        return Trainer(cfg, resume).fit()
-    finally:
-        D.cleanup()
+    return train(Trainer, cfg, resume)
 
 
 def ray_train_diffusion(cfg: RunConfig, resume: bool, workers: int, use_gpu: bool) -> dict:
     """The same loop on a Ray cluster, one TorchTrainer worker per process."""
-    from pipeline import ray_backend
-
-    ray_backend.run_torch_trainer(_ray_loop, {"config": cfg.model_dump(mode="json"), "resume": resume},
-                                  workers, use_gpu, cfg.resources.ray_address, cfg.resources.num_cpus)
-    return json.loads((cfg.diffusion_dir / "rank-0.json").read_text())
-
-
-def _ray_loop(config: dict) -> None:
-    summary = Trainer(RunConfig.model_validate(config["config"]), config["resume"]).fit()
-    log.info("rank %d finished at step %d", summary["rank"], summary["steps"])
-
+    return train_on_ray(Trainer, cfg, resume, workers, use_gpu, cfg.diffusion_dir)

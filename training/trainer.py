@@ -14,6 +14,7 @@ uninterrupted one step for step.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import time
@@ -270,3 +271,32 @@ def held_out_split(manifest: dict, folder, holdout: int, needed: bool) -> tuple[
         raise ValueError(f"{folder} has {len(manifest['shards'])} shard(s): too few to hold {holdout} out "
                          "for evaluation (eval.holdout_shards)")
     return manifest["shards"][-holdout:], {**manifest, "shards": manifest["shards"][:-holdout]}
+
+
+def train(trainer_cls, cfg, resume: bool = False) -> dict:
+    """Train (or resume) the run of ``cfg`` with ``trainer_cls`` in this process (or in each
+    process torchrun started); return the run's summary."""
+    try:
+        return trainer_cls(cfg, resume).fit()
+    finally:
+        D.cleanup()
+
+
+def train_on_ray(trainer_cls, cfg, resume: bool, workers: int, use_gpu: bool, out: Path) -> dict:
+    """The same loop on a Ray cluster, one TorchTrainer worker per process; rank 0's summary."""
+    from pipeline import ray_backend
+
+    config = {"trainer": f"{trainer_cls.__module__}:{trainer_cls.__qualname__}",
+              "config": cfg.model_dump(mode="json"), "resume": resume}
+    ray_backend.run_torch_trainer(_ray_loop, config, workers, use_gpu, cfg.resources.ray_address,
+                                  cfg.resources.num_cpus)
+    return json.loads((Path(out) / "rank-0.json").read_text())
+
+
+def _ray_loop(config: dict) -> None:
+    from pipeline.config import RunConfig
+
+    module, name = config["trainer"].split(":")
+    trainer_cls = getattr(importlib.import_module(module), name)
+    summary = trainer_cls(RunConfig.model_validate(config["config"]), config["resume"]).fit()
+    log.info("rank %d finished at step %d", summary["rank"], summary["steps"])
