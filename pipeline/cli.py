@@ -20,23 +20,47 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def _flags_to_overrides(args) -> list[str]:
-    out = []
+def _redo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redo", action="store_true", help="redo the shards whose settings or inputs changed since "
+                   "they were made (default: refuse, naming the change)")
+
+
+def _flag_values(args) -> dict:
+    """Flags as {config key: value}, taken literally (never parsed as YAML, unlike --set)."""
+    out = {}
     for flag, key in (("url_list", "input.path"), ("output", "output"), ("input_format", "input.format"),
                       ("preset", "input.preset"), ("url_col", "input.url_col"),
                       ("caption_col", "input.caption_col"), ("image_size", "download.image_size"),
                       ("resize_mode", "download.resize_mode"), ("ray_address", "resources.ray_address")):
         value = getattr(args, flag, None)
         if value is not None:
-            out.append(f"{key}={value}")
+            out[key] = value
     if getattr(args, "allow_loopback", False):
-        out.append("download.fetch.allow_loopback=true")
-    return out + args.overrides
+        out["download.fetch.allow_loopback"] = True
+    if getattr(args, "redo", False):
+        out["redo"] = True
+    return out
 
 
 def _load(args):
-    overrides = _flags_to_overrides(args)
-    return load_config(args.config, overrides)
+    return load_config(args.config, args.overrides, values=_flag_values(args))
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _locked(folder, args):
+    """The run folder's lock for this command (rank 0 only under torchrun: the ranks are one command)."""
+    from contextlib import nullcontext
+
+    from pipeline.shards import RunLock
+
+    if _rank() != 0:
+        return nullcontext()
+    return RunLock(Path(folder), "tapir " + " ".join(sys.argv[1:3]))
 
 
 STAGES = {  # name: (help, output folder attribute of RunConfig); pipeline.NAME.NAME(cfg) runs it
@@ -60,7 +84,9 @@ def _run_stage(name: str, cfg) -> int:
 
 
 def cmd_stage(args) -> int:
-    return _run_stage(args.command, _load(args))
+    cfg = _load(args)
+    with _locked(cfg.output, args):
+        return _run_stage(args.command, cfg)
 
 
 def cmd_run(args) -> int:
@@ -70,8 +96,13 @@ def cmd_run(args) -> int:
     cfg = _load(args)
     check_rules(cfg)  # a bad rule fails before any download
     code = 0
-    for name in STAGES:
-        code |= _run_stage(name, cfg)
+    with _locked(cfg.output, args):
+        for name in STAGES:
+            code |= _run_stage(name, cfg)
+            if code:  # a later stage would run on a part of the data: stop, say which stage failed
+                print(f"tapir run: stopping after {name}: it did not account for every row or shard; "
+                      f"rerun to retry", file=sys.stderr)
+                return code
     _, path = report(Path(cfg.output))
     print(f"report: {path.parent / 'index.html'}")
     return code
@@ -123,10 +154,11 @@ def cmd_train_diffusion(args) -> int:
     from training.diffusion import ray_train_diffusion, train_diffusion
 
     cfg = _load(args)
-    if args.ray_workers:
-        summary = ray_train_diffusion(cfg, args.resume, args.ray_workers, args.gpu)
-    else:
-        summary = train_diffusion(cfg, args.resume)
+    with _locked(cfg.diffusion_dir, args):
+        if args.ray_workers:
+            summary = ray_train_diffusion(cfg, args.resume, args.ray_workers, args.gpu)
+        else:
+            summary = train_diffusion(cfg, args.resume)
     _print_summary(summary, cfg.diffusion_dir, "diffusers pipeline")
     return 0
 
@@ -135,8 +167,9 @@ def cmd_train_ar(args) -> int:
     from training.ar import ray_train_ar, train_ar
 
     cfg = _load(args)
-    summary = ray_train_ar(cfg, args.resume, args.ray_workers, args.gpu) if args.ray_workers else \
-        train_ar(cfg, args.resume)
+    with _locked(cfg.ar_dir, args):
+        summary = ray_train_ar(cfg, args.resume, args.ray_workers, args.gpu) if args.ray_workers else \
+            train_ar(cfg, args.resume)
     _print_summary(summary, cfg.ar_dir, "exported model")
     return 0
 
@@ -145,8 +178,9 @@ def cmd_train_autoencoder(args) -> int:
     from training.autoencoder import ray_train_autoencoder, train_autoencoder
 
     cfg = _load(args)
-    summary = ray_train_autoencoder(cfg, args.resume, args.ray_workers, args.gpu) if args.ray_workers else \
-        train_autoencoder(cfg, args.resume)
+    with _locked(cfg.autoencoder_dir, args):
+        summary = ray_train_autoencoder(cfg, args.resume, args.ray_workers, args.gpu) if args.ray_workers else \
+            train_autoencoder(cfg, args.resume)
     _print_summary(summary, cfg.autoencoder_dir, "diffusers model")
     if summary.get("latent_statistics"):
         s = summary["latent_statistics"]
@@ -185,7 +219,9 @@ def cmd_sample(args) -> int:
 def cmd_demo(args) -> int:
     from pipeline.demo import demo
 
-    return demo(Path(args.output), rows=args.rows, config=CONFIGS / "demo.yaml", overrides=_flags_to_overrides(args))
+    values = {k: v for k, v in _flag_values(args).items() if k != "output"}
+    return demo(Path(args.output), rows=args.rows, config=CONFIGS / "demo.yaml", overrides=args.overrides,
+                values=values)
 
 
 def cmd_config(args) -> int:
@@ -217,12 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize-mode", choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"])
     p.add_argument("--allow-loopback", action="store_true", help="allow 127.0.0.1/::1 (tests and demos)")
     _common(p)
+    _redo(p)
     p.set_defaults(func=cmd_stage)
 
     for name in ("score", "select", "recaption", "build"):
         p = sub.add_parser(name, help=STAGES[name][0])
         p.add_argument("config")
         _common(p)
+        _redo(p)
         p.set_defaults(func=cmd_stage)
 
     trainers = {"train-diffusion": ("train a text-conditioned DiT on RUN/shards' latents (train_diffusion section)",
@@ -261,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every stage of a config, then the report")
     p.add_argument("config")
     _common(p)
+    _redo(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="print and write the funnel of a run folder")
@@ -287,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    if os.environ.get("TAPIR_KILL_AFTER_COMMITS"):  # tests' kill hook (pipeline.shards): Ray workers inherit it
+        os.environ.setdefault("TAPIR_KILL_PGID", str(os.getpgid(0)))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -295,13 +338,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tapir: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from pipeline.shards import RunLocked
+
+        if isinstance(e, RunLocked):
+            print(f"tapir: {e}", file=sys.stderr)
+            return 3
+        raise
+    except FileExistsError as e:
+        print(f"tapir: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
         from filters.rules import RuleError
         from pipeline.build import BuildError
         from pipeline.inputs import InputError
+        from pipeline.config import ModelLoadError
         from pipeline.manifest import FingerprintMismatch
+        from pipeline.shards import StageChanged, UnsafeTar
 
-        if isinstance(e, (InputError, RuleError, FileNotFoundError, BuildError, FingerprintMismatch)) or \
+        if isinstance(e, (InputError, RuleError, FileNotFoundError, BuildError, FingerprintMismatch, ModelLoadError,
+                          StageChanged, UnsafeTar)) or \
                 args.command in ("train-diffusion", "sample"):
             print(f"tapir: {e}", file=sys.stderr)
             return 2

@@ -17,6 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from training.config import TrainARConfig, TrainAutoencoderConfig, TrainDiffusionConfig
 
 
+class ModelLoadError(ValueError):
+    """A model named in the config cannot be loaded: raised before a stage starts any work."""
+
+    def __init__(self, key: str, model: str, reason: str):
+        self.key, self.model, self.reason = key, model, reason
+        super().__init__(f"cannot load {model} ({key}): {reason}")
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
@@ -289,6 +297,8 @@ class RunConfig(_Strict):
     train_ar: TrainARConfig = Field(default_factory=TrainARConfig, description="The autoregressive trainer.")
     train_autoencoder: TrainAutoencoderConfig = Field(default_factory=TrainAutoencoderConfig,
                                                       description="The autoencoder (VQ or KL) trainer.")
+    redo: bool = Field(False, description="Redo the shards whose settings or inputs changed since they were "
+                       "made, instead of refusing (`--redo`); never part of a stage's fingerprint.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -379,8 +389,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
-    """Load a YAML config (or a dict), apply overrides, validate; raise ConfigError naming the key."""
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None,
+                values: dict | None = None) -> RunConfig:
+    """Load a YAML config (or a dict), apply overrides, validate; raise ConfigError naming the key.
+
+    ``values`` ({dotted key: value}) are set as they are, after the file and before
+    ``overrides`` (``section.key=value`` strings whose values parse as YAML): command-line
+    flags such as ``--output "/data/my runs #1"`` stay literal strings."""
     data = dict(base or {})
     source = "(flags)"
     if path is not None:
@@ -395,6 +410,8 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path}: top level must be a mapping")
         data.update(loaded)
+    for key, value in (values or {}).items():
+        _set_dotted(data, key, value)
     apply_overrides(data, list(overrides))
     try:
         return RunConfig.model_validate(data)

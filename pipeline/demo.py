@@ -11,7 +11,37 @@ from pipeline.config import load_config
 log = logging.getLogger(__name__)
 
 
-def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: list[str] = ()) -> int:
+MARK = ".tapir-demo"  # written into a folder the demo created: only such a folder is ever emptied
+
+
+def _fresh(output: Path) -> None:
+    """Start from an empty folder: create it, or empty one an earlier demo made; refuse any
+    other non-empty folder (``--output ~`` must never delete a home directory)."""
+    if output.exists() and any(output.iterdir()):
+        if not (output / MARK).is_file():
+            raise FileExistsError(f"{output} is not empty and was not made by `tapir demo`; give --output a new or "
+                                  "empty folder")
+        for child in output.iterdir():
+            if child.name not in (MARK, ".tapir.lock"):
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / MARK).write_text("made by `tapir demo`; a later demo may empty this folder\n")
+
+
+def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: list[str] = (),
+         values: dict | None = None) -> int:
+    """Run the demo into ``output`` (a new or empty folder, or one an earlier demo made)."""
+    from pipeline.shards import RunLock
+
+    output = Path(output).resolve()
+    if output.exists() and any(output.iterdir()) and not (output / MARK).is_file():
+        _fresh(output)  # refuses before the lock file is written into someone else's folder
+    with RunLock(output, "tapir demo"):
+        _fresh(output)
+        return _demo(output, rows, config, overrides, values or {})
+
+
+def _demo(output: Path, rows: int, config: Path | None, overrides: list[str], values: dict) -> int:
     from filters.clip import save_local_clip
     from pipeline import ray_backend
     from pipeline.build import build
@@ -27,9 +57,6 @@ def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: l
     from training.autoencoder import train_autoencoder
     from training.diffusion import train_diffusion
 
-    output = Path(output).resolve()
-    if output.exists():
-        shutil.rmtree(output)  # a demo always starts from nothing
     web = output / "web"
     web.mkdir(parents=True)
     log.info("building a synthetic web of %d rows", rows)
@@ -45,10 +72,11 @@ def demo(output: Path, rows: int = 300, config: Path | None = None, overrides: l
         # no autoencoder exists for this world either: the demo trains its own (VQ and KL), and the
         # build stage encodes with them
         vq_dir, kl_dir = output / "runs" / "autoencoder-vq", output / "runs" / "autoencoder-kl"
-        cfg = load_config(config, [f"output={output}", f"input.path={urls}", f"score.clip.model={clip}",
-                                   "score.clip.pretrained=null", f"recaption.model={captioner}",
-                                   f"build.vae.model={kl_dir / 'model'}", f"build.vq.model={vq_dir / 'model'}",
-                                   f"build.text.model={text}", f"train_autoencoder.output={vq_dir}", *overrides])
+        paths = {"output": str(output), "input.path": str(urls), "score.clip.model": str(clip),
+                 "score.clip.pretrained": None, "recaption.model": str(captioner),
+                 "build.vae.model": str(kl_dir / "model"), "build.vq.model": str(vq_dir / "model"),
+                 "build.text.model": str(text), "train_autoencoder.output": str(vq_dir)}
+        cfg = load_config(config, list(overrides), values={**paths, **values})
         check_rules(cfg)
         try:
             download(cfg)

@@ -3,16 +3,30 @@
 A stage writes a shard's files into a private staging folder, then renames them into
 the output folder, the completion record (``NNNNN_stats.json``) last. A shard is done
 exactly when its record exists; a rerun skips done shards and redoes the others, so
-a killed run never leaves a half-written or duplicated shard behind.
+a killed run never leaves a half-written or duplicated shard behind. Staged files are
+fsynced before they are renamed and the folder after, so a power loss cannot leave a
+committed but empty shard.
+
+Every completion record carries the stage's *fingerprint* (:func:`fingerprint`): a hash of
+the settings and upstream records that determine the shard's bytes. A rerun compares it
+(:func:`stale_shards`) and refuses, naming what changed, or redoes only the stale shards
+when asked (``--redo``). A shard that failed leaves ``NNNNN_failed.json`` with its reason
+(:func:`record_failure`), removed when the shard commits; later stages and the report
+read them (:func:`failed_shards`). One command at a time writes a run folder
+(:class:`RunLock`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
 import json
 import os
 import shutil
+import socket
 import tarfile
+import time
 import uuid
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -58,14 +72,39 @@ def write_tar(path: Path, samples: Iterable[tuple[str, Mapping[str, bytes]]]) ->
                 tar.addfile(info, io.BytesIO(data))
 
 
-def read_tar(path: Path, keys: set[str] | None = None) -> dict[str, dict[str, bytes]]:
+MAX_MEMBER_BYTES = 512 * 2**20  # one sample member; a bigger one is refused before it is read
+
+
+class UnsafeTar(ValueError):
+    """A tar holds a member Tapir will not read (sparse, oversized, a link or device)."""
+
+
+def safe_members(tar: tarfile.TarFile, path: Path, max_bytes: int = MAX_MEMBER_BYTES):
+    """The regular-file members of an open tar, checked before any byte is read: a sparse
+    member (a few KB that expand to gigabytes), one over ``max_bytes``, or a link, device
+    or fifo raises :class:`UnsafeTar` naming the file and member. Folders are skipped."""
+    for member in tar:
+        if member.isdir():
+            continue
+        if member.issparse():
+            raise UnsafeTar(f"{path}: member {member.name!r} is a sparse file; refused (shards hold regular files)")
+        if not member.isreg():
+            raise UnsafeTar(f"{path}: member {member.name!r} is not a regular file (tar type {member.type!r}); "
+                            "refused")
+        if member.size > max_bytes:
+            raise UnsafeTar(f"{path}: member {member.name!r} is {member.size} bytes, over the {max_bytes}-byte limit; "
+                            "refused")
+        yield member
+
+
+def read_tar(path: Path, keys: set[str] | None = None,
+             max_bytes: int = MAX_MEMBER_BYTES) -> dict[str, dict[str, bytes]]:
     """The samples of a tar as {key: {ext: bytes}} (keys split at the first dot of the basename);
-    only those in ``keys`` when given (the others are skipped, not read)."""
+    only those in ``keys`` when given (the others are skipped, not read). Unsafe members
+    (see :func:`safe_members`) raise :class:`UnsafeTar`."""
     samples: dict[str, dict[str, bytes]] = {}
     with tarfile.open(path, mode="r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
+        for member in safe_members(tar, path, max_bytes):
             base = member.name.rsplit("/", 1)[-1]
             key, _, ext = base.partition(".")
             if keys is not None and key not in keys:
@@ -74,19 +113,240 @@ def read_tar(path: Path, keys: set[str] | None = None) -> dict[str, dict[str, by
     return samples
 
 
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # what Tapir's shards hold (download.encode_format, build.image_format)
+
+
+def open_image(data: bytes, formats: tuple[str, ...] = IMAGE_FORMATS):
+    """A PIL image from untrusted shard bytes, trying only ``formats`` (Pillow otherwise
+    probes every plugin it has, exotic parsers included). Raises like ``Image.open``."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data), formats=list(formats))
+
+
 def write_parquet(path: Path, table: pa.Table) -> None:
     pq.write_table(table, path)
 
 
-def commit(staging: Path, folder: Path, shard_id: int, files: list[str], stats: dict) -> None:
-    """Move staged files into ``folder`` and write the completion record last."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's entries') bytes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: Path) -> Path:
+    """A temporary sibling of ``path`` no other process will pick (pid and a random part)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``path`` whole or not at all: a unique temp file, fsynced, renamed over it."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+
+
+def atomic_write_parquet(path: Path, table: pa.Table) -> None:
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        pq.write_table(table, tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+
+
+def commit(staging: Path, folder: Path, shard_id: int, files: list[str], stats: dict,
+           fingerprint: dict | None = None) -> None:
+    """Move staged files into ``folder`` and write the completion record last.
+
+    Data files are fsynced before the rename and the folder after, then the record (with
+    ``fingerprint`` when given) is written and synced the same way."""
     folder = Path(folder)
     for name in files:
+        fsync_path(staging / name)
+    for name in files:
         os.replace(staging / name, folder / name)
-    record = staging / stats_path(folder, shard_id).name
-    record.write_text(json.dumps(stats, indent=2, sort_keys=True))
-    os.replace(record, stats_path(folder, shard_id))
+    fsync_path(folder)
+    if fingerprint is not None:
+        stats = {**stats, "fingerprint": fingerprint}
+    atomic_write(stats_path(folder, shard_id), json.dumps(stats, indent=2, sort_keys=True, default=str))
+    failed_path(folder, shard_id).unlink(missing_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
+    _kill_hook(folder)
+
+
+def _kill_hook(folder: Path) -> None:
+    """Tests of kill -9 and resume: ``TAPIR_KILL_AFTER_COMMITS=N`` kills this process group
+    (the command and its Ray workers) the moment a folder holds N committed shards: a
+    deterministic point instead of a race against a polling loop."""
+    limit = os.environ.get("TAPIR_KILL_AFTER_COMMITS")
+    if limit and len(done_shards(folder)) >= int(limit):
+        import signal
+
+        # Ray workers run in process groups of their own: the CLI put the command's group here
+        os.killpg(int(os.environ.get("TAPIR_KILL_PGID") or os.getpgid(0)), signal.SIGKILL)
+
+
+# -- fingerprints: what made a shard ------------------------------------------------------
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(settings: dict, upstream: dict | None = None) -> dict:
+    """A shard's fingerprint: ``settings`` (dotted config key -> value, only keys that change
+    the output) and ``upstream`` (name -> digest of an input, e.g. :func:`record_digest` of
+    the shard this one was made from). Stored in the completion record."""
+    settings, upstream = dict(settings), dict(upstream or {})
+    return {"hash": _digest([settings, upstream]), "settings": settings, "upstream": upstream}
+
+
+def settings_of(section, prefix: str, exclude: tuple[str, ...] = ()) -> dict:
+    """``{prefix.key: value}`` for a pydantic config section (nested sections flattened),
+    leaving out ``exclude`` (keys that change speed, not output)."""
+    data = section.model_dump(mode="json") if hasattr(section, "model_dump") else dict(section)
+    out = {}
+    for key, value in data.items():
+        if key in exclude:
+            continue
+        if isinstance(value, dict):
+            out.update({f"{prefix}.{key}.{k}": v for k, v in value.items()})
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
+
+
+def record_digest(folder: Path, shard_id: int) -> str | None:
+    """Digest of a shard's completion record (changes whenever the shard is redone); None if absent."""
+    path = stats_path(folder, shard_id)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+class StageChanged(ValueError):
+    """Committed shards were made with other settings or inputs than this run's."""
+
+
+def explain_change(old: dict | None, new: dict) -> str:
+    """One line naming what differs between two fingerprints (the first few keys)."""
+    if not old:
+        return "it was made by an older Tapir that recorded no fingerprint"
+    parts = []
+    for kind in ("settings", "upstream"):
+        a, b = old.get(kind, {}), new.get(kind, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                if kind == "settings":
+                    parts.append(f"{key} was {a.get(key, '(unset)')!r}, now {b.get(key, '(unset)')!r}")
+                else:
+                    parts.append(f"its input {key} changed since")
+    return "; ".join(parts[:3]) + (f" (and {len(parts) - 3} more)" if len(parts) > 3 else "") if parts else \
+        "its fingerprint differs"
+
+
+def stale_shards(folder: Path, expected, *, redo: bool, stage: str) -> set[int]:
+    """Committed shards of ``folder`` whose recorded fingerprint is not ``expected(shard_id)``.
+
+    Without ``redo`` any stale shard raises :class:`StageChanged` naming the change and the
+    shards; with ``redo`` their completion records are removed (so they count as not done)
+    and their ids returned for the caller to redo."""
+    folder = Path(folder)
+    stale: dict[int, str] = {}
+    for sid in sorted(done_shards(folder)):
+        want = expected(sid)
+        have = read_stats(folder, sid).get("fingerprint")
+        if not have or have.get("hash") != want["hash"]:
+            stale[sid] = explain_change(have, want)
+    if stale and not redo:
+        first = min(stale)
+        ids = sorted(stale)
+        which = shard_name(first) if len(ids) == 1 else f"{len(ids)} shards ({shard_name(ids[0])}..{shard_name(ids[-1])})"
+        raise StageChanged(f"{stage}: {folder} holds {which} made differently: {stale[first]}. Rerun with --redo to "
+                           f"redo only the affected shards, or use another output folder")
+    for sid in stale:
+        stats_path(folder, sid).unlink(missing_ok=True)
+    return set(stale)
+
+
+# -- failures: a shard that could not be made says why ------------------------------------
+
+
+def failed_path(folder: Path, shard_id: int) -> Path:
+    return Path(folder) / f"{shard_name(shard_id)}_failed.json"
+
+
+def record_failure(folder: Path, shard_id: int, stage: str, reason: str) -> None:
+    """Record on disk that a shard failed and why (removed when the shard later commits)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write(failed_path(folder, shard_id), json.dumps(
+        {"shard": shard_name(shard_id), "stage": stage, "reason": str(reason)[:2000], "time": time.time()},
+        indent=2))
+
+
+def failed_shards(folder: Path) -> dict[int, str]:
+    """{shard id: reason} of shards recorded as failed and not committed since."""
+    out = {}
+    for p in Path(folder).glob("*_failed.json"):
+        sid = int(p.name.split("_")[0])
+        if not stats_path(folder, sid).exists():
+            out[sid] = json.loads(p.read_text()).get("reason", "")
+    return out
+
+
+# -- one writer per run folder ------------------------------------------------------------
+
+
+class RunLocked(RuntimeError):
+    """Another command holds the run folder."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of a command (``fcntl.flock`` on
+    ``RUN/.tapir.lock``; the kernel drops it when the process dies, so no stale locks).
+
+    A second command on the same folder fails at once, naming the holder."""
+
+    def __init__(self, folder: Path, command: str = "tapir"):
+        self.folder, self.command, self.fd = Path(folder), command, None
+
+    def __enter__(self) -> "RunLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / ".tapir.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLocked(f"{self.folder} is in use by {holder}; wait for it to finish or use another "
+                            f"output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"`{self.command}` (pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def clear_staging(folder: Path) -> None:

@@ -1,0 +1,171 @@
+"""One writer per run folder, durable commits, fingerprints and failure records
+(pipeline.shards), literal CLI flags and a demo that never empties a folder it did not make."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from conftest import tapir_cmd
+
+from pipeline import shards
+from pipeline.cli import _load, build_parser
+
+HOLD = """
+import sys
+from pipeline.shards import RunLock
+with RunLock(sys.argv[1], "tapir score holder.yaml"):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_command_on_a_run_folder_is_refused_and_nothing_is_touched(tmp_path):
+    run = tmp_path / "run"
+    staging = run / "scores" / "_staging" / "00000-abcd"
+    staging.mkdir(parents=True)
+    (staging / "00000.parquet").write_bytes(b"another run's work in progress")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output: {run}\n")
+    holder = _holder(run)
+    try:
+        proc = subprocess.run(tapir_cmd("score", config), capture_output=True, text=True, timeout=120)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert proc.returncode == 3, proc.stderr
+    assert "is in use by `tapir score holder.yaml`" in proc.stderr and "pid" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (staging / "00000.parquet").read_bytes() == b"another run's work in progress"  # not cleared
+
+
+def test_lock_is_released_when_its_holder_is_killed(tmp_path):
+    holder = _holder(tmp_path)
+    with pytest.raises(shards.RunLocked):
+        with shards.RunLock(tmp_path):
+            pass
+    holder.kill()  # kill -9: no cleanup ran, the kernel drops the lock
+    holder.wait(timeout=30)
+    with shards.RunLock(tmp_path, "tapir next"):
+        assert "tapir next" in (tmp_path / ".tapir.lock").read_text()
+
+
+def test_commit_syncs_data_before_the_completion_record(tmp_path, monkeypatch):
+    synced, events = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "out"
+    out.mkdir()
+    staging = shards.new_staging(out, 7)
+    (staging / "00007.parquet").write_bytes(b"data")
+    shards.commit(staging, out, 7, ["00007.parquet"], {"count": 1})
+    data = str(staging / "00007.parquet")
+    assert data in synced, "the data file was not fsynced"
+    assert str(out) in synced, "the folder entry of the renamed file was not fsynced"
+    record = [i for i, (_, b) in enumerate(events) if b.endswith("00007_stats.json")]
+    assert record and events.index(("replace", str(out / "00007.parquet"))) < record[0]
+    assert synced.index(data) < len(synced) - 1
+
+
+def test_temp_names_are_unique_per_writer(tmp_path):
+    a, b = shards.temp_name(tmp_path / "x.json"), shards.temp_name(tmp_path / "x.json")
+    assert a != b and str(os.getpid()) in a.name and a.parent == tmp_path
+    shards.atomic_write(tmp_path / "x.json", "{}")
+    assert (tmp_path / "x.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left
+
+
+def test_stale_shards_name_the_change_and_redo_only_those(tmp_path):
+    def fp(model, upstream="u0"):
+        return shards.fingerprint({"score.clip.model": model}, {"raw/00000": upstream})
+
+    for sid, model in ((0, "ViT-B-32"), (1, "ViT-B-32")):
+        st = shards.new_staging(tmp_path, sid)
+        (st / f"{sid:05d}.parquet").write_bytes(b"x")
+        shards.commit(st, tmp_path, sid, [f"{sid:05d}.parquet"], {"count": 1}, fingerprint=fp(model))
+    assert shards.stale_shards(tmp_path, lambda s: fp("ViT-B-32"), redo=False, stage="score") == set()
+    with pytest.raises(shards.StageChanged, match=r"score.clip.model was 'ViT-B-32', now 'ViT-L-14'.*--redo"):
+        shards.stale_shards(tmp_path, lambda s: fp("ViT-L-14"), redo=False, stage="score")
+    with pytest.raises(shards.StageChanged, match=r"00001.*its input raw/00000 changed since"):
+        shards.stale_shards(tmp_path, lambda s: fp("ViT-B-32", "u1" if s == 1 else "u0"), redo=False, stage="score")
+    assert shards.done_shards(tmp_path) == {0, 1}  # refusing changed nothing
+    assert shards.stale_shards(tmp_path, lambda s: fp("ViT-B-32", "u1" if s == 1 else "u0"), redo=True,
+                               stage="score") == {1}
+    assert shards.done_shards(tmp_path) == {0}
+
+
+def test_failure_records_until_the_shard_commits(tmp_path):
+    shards.record_failure(tmp_path, 3, "score", "RuntimeError: CUDA out of memory")
+    assert shards.failed_shards(tmp_path) == {3: "RuntimeError: CUDA out of memory"}
+    st = shards.new_staging(tmp_path, 3)
+    (st / "00003.parquet").write_bytes(b"x")
+    shards.commit(st, tmp_path, 3, ["00003.parquet"], {"count": 1})
+    assert shards.failed_shards(tmp_path) == {} and not (tmp_path / "00003_failed.json").exists()
+
+
+def test_flags_are_literal_strings_not_yaml(tmp_path):
+    out = tmp_path / "my runs #1"
+    args = build_parser().parse_args(["download", "--url-list", str(tmp_path / "urls: v2.csv"), "--output", str(out),
+                                      "--caption-col", "yes", "--set", "download.image_size=128"])
+    cfg = _load(args)
+    assert cfg.output == str(out)  # YAML would have cut it at " #"
+    assert cfg.input.path == str(tmp_path / "urls: v2.csv")
+    assert cfg.input.caption_col == "yes"  # YAML would have made it True
+    assert cfg.download.image_size == 128  # --set still parses YAML
+    assert not cfg.redo and _load(build_parser().parse_args(["select", str(_cfg(tmp_path)), "--redo"])).redo
+
+
+def _cfg(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"output: {tmp_path / 'run'}\n")
+    return path
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    proc = subprocess.run(tapir_cmd("demo", "--output", precious), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "not empty and was not made by `tapir demo`" in proc.stderr
+    assert sorted(p.name for p in precious.iterdir()) == ["thesis.tex"]  # not even a lock file
+
+
+def test_demo_empties_only_its_own_folder(tmp_path):
+    from pipeline.demo import MARK, _fresh
+
+    own = tmp_path / "demo"
+    _fresh(own)
+    (own / "raw").mkdir()
+    (own / "raw" / "00000.tar").write_bytes(b"old")
+    _fresh(own)
+    assert sorted(p.name for p in own.iterdir()) == [MARK]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fresh(empty)
+    assert (empty / MARK).exists()
+
+
+def test_atomic_parquet_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "t.parquet"
+    shards.atomic_write_parquet(path, pa.table({"a": [1, 2]}))
+    assert path.exists() and [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
