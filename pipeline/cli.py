@@ -116,7 +116,7 @@ def cmd_report(args) -> int:
         print(format_stage(stage))
     page = path.parent / "index.html"
     print(f"written: {path}" + (f" and {page}" if page.exists() else ""))
-    return 0 if funnel["download"]["lineage_ok"] else 1
+    return 0 if funnel["lineage"]["ok"] else 1
 
 
 def cmd_verify(args) -> int:

@@ -119,4 +119,4 @@ def _demo(output: Path, rows: int, config: Path | None, overrides: list[str], va
           f"`tapir sample {cfg.ar_dir} --prompt ...`)")
     print(f"  funnel:     {path}")
     print(f"  report:     {path.parent / 'index.html'}  (histograms, kept/dropped grid, loss curve, samples)")
-    return 0 if funnel["download"]["lineage_ok"] else 1
+    return 0 if funnel["lineage"]["ok"] else 1

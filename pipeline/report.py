@@ -122,6 +122,8 @@ def build_funnel(run_dir: Path, folder: Path | None = None) -> dict:
 
 
 def format_stage(f: dict) -> str:
+    if "stage" not in f:
+        return format_lineage(f)
     if f["stage"] == "download":
         return format_funnel(f)
     if f["stage"] == "recaption":
@@ -148,6 +150,98 @@ def format_stage(f: dict) -> str:
     return "\n".join(lines)
 
 
+def _keys(folder: Path, sid: int, where=None) -> list[str]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(folder / f"{shards.shard_name(sid)}.parquet", columns=["key"] + ([where[0]] if where else []))
+    if where:
+        t = t.filter(pc.equal(t[where[0]], where[1]))
+    return t["key"].to_pylist()
+
+
+def lineage(run_dir: Path) -> dict:
+    """Follow every row from the input list to the training samples, stage by stage.
+
+    Each stage must account for exactly the rows the stage before handed it, shard by
+    shard: input rows = raw rows; downloaded rows = scored rows; scored = selected-or-
+    dropped; kept = captioned (or recorded failed); kept = planned for the build, and
+    planned = written + recorded build failures. A shard a stage has not made (failed,
+    or not run yet) is listed with its recorded failure reason. Returns the counts and
+    the problems found (``ok`` when there are none)."""
+    import pyarrow.parquet as pq
+
+    run_dir = Path(run_dir)
+    raw, scores, sel, caps, out = (run_dir / n for n in ("raw", "scores", "selection", "captions", "shards"))
+    problems: list[str] = []
+    counts: dict[str, int] = {}
+
+    def missing(folder: Path, sid: int, stage: str) -> str:
+        reason = shards.failed_shards(folder).get(sid)
+        return f"{stage}: shard {shards.shard_name(sid)} " + (f"FAILED: {reason.splitlines()[0][:200]}" if reason
+                                                                else "not made (rerun the stage)")
+
+    f = download_funnel(run_dir) if shards.done_shards(raw) else None
+    if f is None:
+        return {"ok": False, "counts": {}, "problems": ["download: no raw shards"]}
+    counts["input"], counts["raw"], counts["downloaded"] = f["rows_in"], f["rows_out"], f["succeeded"]
+    if not f["lineage_ok"]:
+        problems.append(f"download: {f['rows_in']} input rows, {f['rows_out']} recorded, "
+                        f"{f['duplicated_keys']} keys twice")
+    problems += [missing(raw, sid, "download") for sid in sorted(shards.failed_shards(raw))]
+    stages = [("score", scores, raw, ("status", "success"), "scored"),
+              ("select", sel, scores, None, "selected"),
+              ("recaption", caps, sel, ("keep", True), "captioned")]
+    for stage, folder, up, where, label in stages:
+        if not shards.done_shards(folder):
+            continue
+        n = 0
+        for sid in sorted(shards.done_shards(up)):
+            if sid not in shards.done_shards(folder):
+                problems.append(missing(folder, sid, stage))
+                continue
+            want, have = _keys(up, sid, where), _keys(folder, sid)
+            n += len(have)
+            if sorted(want) != sorted(have):
+                lost, extra = set(want) - set(have), set(have) - set(want)
+                problems.append(f"{stage}: shard {shards.shard_name(sid)} has {len(lost)} row(s) of the stage before "
+                                f"missing" + (f" (e.g. {min(lost)})" if lost else "") +
+                                (f" and {len(extra)} unknown row(s) (e.g. {min(extra)})" if extra else ""))
+        counts[label] = n
+        if stage == "select":
+            counts["kept"] = sum(len(_keys(sel, sid, ("keep", True))) for sid in shards.done_shards(sel))
+    if (out / "_plan.json").exists() and (out / "_plan.parquet").exists():
+        plan = pq.read_table(out / "_plan.parquet", columns=["key", "shard"])
+        planned = plan["key"].to_pylist()
+        counts["planned"] = len(planned)
+        if "kept" in counts and sorted(planned) != sorted(
+                k for sid in shards.done_shards(sel) for k in _keys(sel, sid, ("keep", True))):
+            problems.append(f"build: the plan holds {len(planned)} rows, the selection keeps {counts['kept']}; "
+                            "rerun `tapir build`")
+        if len(set(planned)) != len(planned):
+            problems.append(f"build: {len(planned) - len(set(planned))} row(s) planned twice")
+        per_shard = Counter(plan["shard"].to_pylist())
+        written = 0
+        for sid in sorted(per_shard):
+            if sid not in shards.done_shards(out):
+                problems.append(missing(out, sid, "build"))
+                continue
+            st = shards.read_stats(out, sid)
+            written += st["count"]
+            if st["count"] + len(st.get("failed", {})) != per_shard[sid]:
+                problems.append(f"build: shard {shards.shard_name(sid)} planned {per_shard[sid]} rows, wrote "
+                                f"{st['count']} and recorded {len(st.get('failed', {}))} failed")
+        counts["written"] = written
+    return {"ok": not problems, "counts": counts, "problems": problems}
+
+
+def format_lineage(lin: dict) -> str:
+    order = ("input", "raw", "downloaded", "scored", "selected", "kept", "captioned", "planned", "written")
+    chain = " -> ".join(f"{k} {lin['counts'][k]}" for k in order if k in lin["counts"])
+    head = f"lineage: {'ok' if lin['ok'] else 'BROKEN'}: {chain}"
+    return "\n".join([head] + [f"  {p}" for p in lin["problems"][:20]] +
+                     ([f"  ... and {len(lin['problems']) - 20} more"] if len(lin["problems"]) > 20 else []))
+
+
 def report(run_dir: Path, visuals: bool = True) -> tuple[dict, Path]:
     """Compute the funnel of every stage ``run_dir`` holds, write report/funnel.json (and,
     once scores or captions exist, plots, sample grids and report/index.html); return
@@ -162,6 +256,7 @@ def report(run_dir: Path, visuals: bool = True) -> tuple[dict, Path]:
         funnel["recaption"] = recaption_funnel(run_dir)
     if (run_dir / "shards" / "_plan.json").exists():
         funnel["build"] = build_funnel(run_dir)
+    funnel["lineage"] = lineage(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "funnel.json"

@@ -170,8 +170,15 @@ def test_demo(tmp_path):
     assert 0 < select["kept"] < select["rows_in"] and score["duplicates_by_kind"].get("exact", 0) >= 1
     assert (tmp_path / "demo" / "report" / "index.html").exists()
     assert "raw shards:" in proc.stdout and "select:" in proc.stdout
+    recaption = funnel["recaption"]  # every kept row captioned or recorded failed, every stage's funnel checked
+    assert recaption["rows_in"] == select["kept"] and recaption["captioned"] + recaption["failed"] == select["kept"]
     build = funnel["build"]
     assert build["rows_in"] == select["kept"] and build["written"] == build["rows_in"] - build["failed"] > 0
+    lineage = funnel["lineage"]  # from input row to training sample, shard by shard
+    assert lineage["ok"], lineage["problems"]
+    assert lineage["counts"]["input"] == 80 and lineage["counts"]["written"] == build["written"]
+    assert lineage["counts"]["kept"] == select["kept"] == lineage["counts"]["captioned"]
+    assert "lineage: ok: input 80 -> raw 80" in proc.stdout
     manifest = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
     assert set(manifest["encoders"]) == {"kl", "vq", "text"} and manifest["complete"]
     assert "latent_mean.npy" in manifest["members"] and "tokens.npy" in manifest["members"]

@@ -169,3 +169,42 @@ def test_atomic_parquet_leaves_no_partial_file(tmp_path):
     path = tmp_path / "t.parquet"
     shards.atomic_write_parquet(path, pa.table({"a": [1, 2]}))
     assert path.exists() and [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def _stage(folder: Path, sid: int, **cols):
+    folder.mkdir(parents=True, exist_ok=True)
+    st = shards.new_staging(folder, sid)
+    shards.write_parquet(st / f"{sid:05d}.parquet", pa.table(cols))
+    shards.commit(st, folder, sid, [f"{sid:05d}.parquet"], {"count": len(next(iter(cols.values())))})
+
+
+def _lineage_run(run: Path) -> None:
+    import json
+
+    (run / "raw" / "_input").mkdir(parents=True)
+    (run / "raw" / "_input" / "input.json").write_text(json.dumps({"rows": 4}))
+    _stage(run / "raw", 0, key=["a", "b", "c", "d"], status=["success", "success", "success", "failed_to_download"],
+           error_reason=["success", "success", "success", "http_404"], attempts=[1, 1, 1, 1])
+    _stage(run / "scores", 0, key=["a", "b", "c"])
+    _stage(run / "selection", 0, key=["a", "b", "c"], keep=[True, True, False])
+    _stage(run / "captions", 0, key=["a", "b"], status=["ok", "ok"])
+
+
+def test_report_follows_every_row_from_input_to_training_sample(tmp_path):
+    from pipeline.report import format_lineage, lineage
+
+    run = tmp_path / "run"
+    _lineage_run(run)
+    good = lineage(run)
+    assert good["ok"], good["problems"]
+    assert good["counts"] == {"input": 4, "raw": 4, "downloaded": 3, "scored": 3, "selected": 3, "kept": 2,
+                              "captioned": 2}
+    assert format_lineage(good).startswith("lineage: ok: input 4 -> raw 4 -> downloaded 3")
+    _stage(run / "captions", 0, key=["a"], status=["ok"])  # a kept row silently lost by the captioner
+    _stage(run / "raw", 1, key=["e"], status=["success"], error_reason=["success"], attempts=[1])
+    shards.record_failure(run / "scores", 1, "score", "RuntimeError: the CPU scorer died")
+    bad = lineage(run)
+    assert not bad["ok"]
+    assert "recaption: shard 00000 has 1 row(s) of the stage before missing (e.g. b)" in bad["problems"]
+    assert "score: shard 00001 FAILED: RuntimeError: the CPU scorer died" in bad["problems"]
+    assert "download: 4 input rows, 5 recorded, 0 keys twice" in bad["problems"]
