@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -72,16 +71,14 @@ def test_kill_9_then_resume_matches_uninterrupted(reference_run, url_list, tmp_p
     out = tmp_path / "killed"
     args = ["download", "--url-list", url_list, "--output", out, "--allow-loopback",
             *_sets("download.samples_per_shard=10", "resources.download_tasks=1")]
+    # the command kills its own process group (driver and Ray workers) right after the second
+    # shard commits: a deterministic point mid-run, no polling race
     proc = subprocess.Popen(tapir_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=dict(os.environ, TAPIR_KILL_AFTER_COMMITS="2"))
+    assert proc.wait(timeout=ENV_TIMEOUT) == -signal.SIGKILL
     raw = out / "raw"
-    deadline = time.time() + ENV_TIMEOUT
-    while time.time() < deadline and not (raw.exists() and shards.done_shards(raw)):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-run
-    proc.wait()
     done_at_kill = shards.done_shards(raw)
-    assert 1 <= len(done_at_kill) < 6, done_at_kill
+    assert 2 <= len(done_at_kill) < 6, done_at_kill
     resumed = _run(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert shards.done_shards(raw) == set(range(6))
@@ -116,7 +113,7 @@ def test_two_node_ray_cluster(url_list, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "ran on 2 Ray node(s)" in proc.stdout, proc.stdout
         funnel = json.loads(_run(["report", out]).stdout and (out / "report" / "funnel.json").read_text())
-        assert funnel["download"]["lineage_ok"]
+        assert funnel["download"]["lineage_ok"] and funnel["lineage"]["ok"]
     finally:
         _stop_cluster(temp)  # not `ray stop`: it would kill every Ray on the machine, the test session's too
         shutil.rmtree(temp, ignore_errors=True)
@@ -154,6 +151,7 @@ def test_report_command(reference_run):
     proc = _run(["report", out])
     assert proc.returncode == 0, proc.stderr
     funnel = json.loads((out / "report" / "funnel.json").read_text())["download"]
+    assert "lineage: ok: input 60 -> raw 60" in proc.stdout
     assert funnel["lineage_ok"] and f"succeeded  {funnel['succeeded']:>8}" in proc.stdout
 
 
