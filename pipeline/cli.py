@@ -33,7 +33,9 @@ def _flag_values(args) -> dict:
                       ("caption_col", "input.caption_col"), ("image_size", "download.image_size"),
                       ("resize_mode", "download.resize_mode"), ("ray_address", "resources.ray_address")):
         value = getattr(args, flag, None)
-        if value is not None:
+        if flag == "caption_col" and value == "none":
+            out[key] = None  # a URL-only list
+        elif value is not None:
             out[key] = value
     if getattr(args, "allow_loopback", False):
         out["download.fetch.allow_loopback"] = True
@@ -245,10 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="run config YAML (or give --url-list and --output)")
     p.add_argument("--url-list", help="URL list file or folder (parquet, csv, tsv, jsonl)")
     p.add_argument("--output", help="run folder")
-    p.add_argument("--input-format", choices=["auto", "parquet", "csv", "tsv", "jsonl"])
+    p.add_argument("--input-format", choices=["auto", "parquet", "csv", "tsv", "jsonl", "txt"])
     p.add_argument("--preset", choices=["laion", "cc3m", "datacomp"], help="input column preset")
     p.add_argument("--url-col")
-    p.add_argument("--caption-col")
+    p.add_argument("--caption-col", help="alt-text column; 'none' for a URL-only list")
     p.add_argument("--image-size", type=int)
     p.add_argument("--resize-mode", choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"])
     p.add_argument("--allow-loopback", action="store_true", help="allow 127.0.0.1/::1 (tests and demos)")

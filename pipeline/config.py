@@ -42,20 +42,21 @@ PRESETS = {
 
 
 class InputConfig(_Strict):
-    path: str = Field(description="URL list: a file or a folder of files (parquet, csv, tsv, jsonl).")
-    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = Field(
-        "auto", description="Input format; 'auto' takes it from the file extension.")
+    path: str = Field(description="URL list: a file or a folder of files (parquet, csv, tsv, jsonl, txt).")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"] = Field(
+        "auto", description="Input format; 'auto' takes it from the file extension; 'txt': one URL per line.")
     preset: Optional[Literal["laion", "cc3m", "datacomp"]] = Field(
         None, description="Column names of a known dataset: laion (URL, TEXT), cc3m (url, caption; "
         "header-less tsv accepted), datacomp (uid, url, text).")
     url_col: Optional[str] = Field(None, description="URL column (overrides the preset).")
-    caption_col: Optional[str] = Field(None, description="Alt-text column (overrides the preset); null for none.")
+    caption_col: Optional[str] = Field("auto", description="Alt-text column: 'auto' takes the preset's (else "
+                                       "'caption'); null for a URL-only list (captions stay null).")
     extra_cols: list[str] | Literal["all"] = Field(
         "all", description="Other input columns carried into raw/ metadata: 'all' or a list.")
 
     def columns(self) -> tuple[str, Optional[str]]:
         url, cap = PRESETS.get(self.preset or "", ("url", "caption"))
-        return self.url_col or url, self.caption_col if self.caption_col is not None else cap
+        return self.url_col or url, cap if self.caption_col == "auto" else self.caption_col
 
 
 class FetchConfig(_Strict):
@@ -66,7 +67,8 @@ class FetchConfig(_Strict):
     max_pixels: int = Field(89_478_485, gt=0, description="Largest image (width x height) decoded; "
                             "checked on the header, before decoding.")
     max_redirects: int = Field(5, ge=0, description="Redirect hops followed per URL.")
-    read_deadline: float = Field(30.0, gt=0, description="Wall-clock cap on reading one body, seconds.")
+    read_deadline: float = Field(30.0, gt=0, description="Wall-clock cap on one URL, seconds: connect, TLS "
+                                 "handshake, status line, headers, body and every redirect hop together.")
 
 
 class DownloadConfig(_Strict):
@@ -85,6 +87,9 @@ class DownloadConfig(_Strict):
     retry_passes: int = Field(2, ge=0, description="Later passes that retry rows failed with a "
                               "retryable error (timeout, connection reset, 429, 5xx).")
     retry_wait: float = Field(2.0, ge=0, description="Seconds to wait before retry pass N (times N).")
+    shard_timeout: float = Field(3600.0, gt=0, description="Wall-clock limit on one shard task, seconds: "
+                                 "a task still running then is cancelled and its shard recorded as failed "
+                                 "(raw/NNNNN_failed.json); a rerun retries it.")
     compute_hash: Optional[Literal["md5", "sha256", "sha512"]] = Field(
         "sha256", description="Hash of the downloaded bytes stored per row.")
     user_agent_token: Optional[str] = Field("tapir", description="Token added to the User-Agent; "
