@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -104,13 +103,11 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_losses(trained, tmp_path):
     data["train_ar"]["output"] = str(tmp_path / "killed")
     cfg_path = tmp_path / "killed.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
-    proc = subprocess.Popen(tapir_cmd("train-ar", cfg_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (tmp_path / "killed" / "checkpoints" / "step-00000005").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-5 checkpoint"
-        time.sleep(0.02)  # batch 5 of 2 workers: the resumed loader starts with worker 1's role
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # the run kills itself (its process group: DataLoader workers too) right after its step-5 checkpoint:
+    # a deterministic point, no polling race
+    proc = subprocess.Popen(tapir_cmd("train-ar", cfg_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=dict(os.environ, TAPIR_KILL_AFTER_CHECKPOINT="5"))
+    assert proc.wait(timeout=240) == -signal.SIGKILL
     assert not (tmp_path / "killed" / "checkpoints" / "step-00000012").exists()
     out = subprocess.run(tapir_cmd("train-ar", cfg_path, "--resume"), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

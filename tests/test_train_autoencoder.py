@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +96,7 @@ def test_the_saved_vq_model_loads_with_diffusers_encodes_in_build_and_verifies(v
     assert out.returncode == 0 and ": ok," in out.stdout, out.stdout + out.stderr[-2000:]
 
 
-def test_kill_9_then_resume_repeats_the_run_with_the_codebook_state(run_dir, tmp_path):
+def test_kill_9_then_resume_repeats_the_run_with_the_codebook_state(run_dir, vq_run, tmp_path):
     """EMA codebook with restarts every 3 idle steps on both sides of the step-4 checkpoint: the
     resumed run's losses, usage and restarts equal the uninterrupted run's."""
     cfg = _cfg(run_dir, "unused", "train_autoencoder.max_steps=9", "train_autoencoder.checkpoint_every=4",
@@ -112,14 +111,11 @@ def test_kill_9_then_resume_repeats_the_run_with_the_codebook_state(run_dir, tmp
     out = subprocess.run(tapir_cmd("train-autoencoder", paths["ref"]), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "latent scaling factor" in out.stdout
-    proc = subprocess.Popen(tapir_cmd("train-autoencoder", paths["killed"]), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (tmp_path / "killed" / "checkpoints" / "step-00000004").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # the run kills itself (its process group: DataLoader workers too) right after its step-4 checkpoint:
+    # a deterministic point, no polling race
+    proc = subprocess.Popen(tapir_cmd("train-autoencoder", paths["killed"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=dict(os.environ, TAPIR_KILL_AFTER_CHECKPOINT="4"))
+    assert proc.wait(timeout=240) == -signal.SIGKILL
     assert (tmp_path / "killed" / "checkpoints" / "step-00000004" / "extra.safetensors").exists()
     out = subprocess.run(tapir_cmd("train-autoencoder", paths["killed"], "--resume"), capture_output=True, text=True,
                          timeout=300)

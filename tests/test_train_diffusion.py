@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -286,14 +285,11 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_losses(trained, tmp_path):
     data["train_diffusion"]["output"] = str(tmp_path / "killed")
     cfg_path = tmp_path / "killed.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
-    proc = subprocess.Popen(tapir_cmd("train-diffusion", cfg_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (tmp_path / "killed" / "checkpoints" / "step-00000007").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-7 checkpoint"
-        time.sleep(0.02)  # resuming at batch 7 of 2 workers: the resumed loader starts with worker 1's role
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # the run kills itself (its process group: DataLoader workers too) right after its step-7 checkpoint:
+    # a deterministic point, no polling race
+    proc = subprocess.Popen(tapir_cmd("train-diffusion", cfg_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=dict(os.environ, TAPIR_KILL_AFTER_CHECKPOINT="7"))
+    assert proc.wait(timeout=240) == -signal.SIGKILL
     assert not (tmp_path / "killed" / "checkpoints" / "step-00000020").exists()
     out = subprocess.run(tapir_cmd("train-diffusion", cfg_path), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "--resume" in out.stderr  # never silently restarts over checkpoints

@@ -38,6 +38,14 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) -
     return {"state": state, "param_groups": groups}
 
 
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _contiguous(sd: dict) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
@@ -57,12 +65,19 @@ def save(folder: Path, step: int, model: dict, ema: dict, optimizer: dict, state
     if extra:
         save_file(_contiguous(extra), tmp / "extra.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=1))
+    for f in tmp.iterdir():  # on disk before the folder appears under its final name
+        fsync_path(f)
     final = folder / f"{PREFIX}{step:08d}"
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_path(folder)
     for old in all_checkpoints(folder)[:-keep]:
         shutil.rmtree(old)
+    if os.environ.get("TAPIR_KILL_AFTER_CHECKPOINT") == str(step):  # kill -9 tests: a deterministic point
+        import signal
+
+        os.killpg(os.getpgid(0), signal.SIGKILL)
     return final
 
 
