@@ -4,10 +4,22 @@ Built on img2dataset's reader, downloader, resizer and writer. Tapir adds around
 the hardened fetch (``pipeline.fetch``), a header check before decoding, atomic
 shard commits and resume (``pipeline.shards``), later retry passes for retryable
 failures, and a classified ``error_reason`` and ``attempts`` for every row.
+
+Every planned row is accounted for: a row img2dataset drops without a record (a worker
+thread or its resizer failed) is added as failed with ``error_reason`` ``lost``, retried
+like a timeout, and makes the command end non-zero while it stays lost.
+
+Resume is safe against changed settings: the normalised input records what it was made
+from (input settings, files' sizes and times) and every shard's completion record the
+download settings that shape its bytes and the input's digest; a rerun with anything
+changed refuses, naming it, or with ``--redo`` re-reads the input and redoes the stale
+shards (a changed input or ``samples_per_shard`` changes them all).
 """
 
 from __future__ import annotations
 
+import codecs
+import functools
 import io
 import json
 import logging
@@ -27,36 +39,25 @@ import pyarrow.parquet as pq
 
 from pipeline import shards
 from pipeline.config import ConfigError, RunConfig
-from pipeline.fetch import DEADLINE, REFUSED, TOO_LARGE, FetchPolicy
+from pipeline.fetch import TAG, FetchPolicy
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = {"timeout", "connection_error", "http_5xx", "http_429"}
+RETRYABLE = {"timeout", "connection_error", "http_5xx", "http_429", "lost"}
+LOST = TAG + "lost img2dataset wrote no record for this row (a worker thread or the resizer failed; see the log)"
 
-# (pattern on error_message, reason); first match wins.
-_REASONS = [
-    (REFUSED + r": .*address", "refused_address"),
-    (REFUSED + r"|Redirection to url .* is not allowed", "refused_scheme"),
-    (TOO_LARGE, "too_many_bytes"),
-    (DEADLINE + r"|timed out|timeout", "timeout"),
-    (r"HTTP Error 404", "http_404"),
-    (r"HTTP Error 429", "http_429"),
-    (r"HTTP Error 5\d\d", "http_5xx"),
-    (r"infinite loop|redirect error", "redirect_loop"),
-    (r"HTTP Error (\d+)", "http_{0}"),
-    (r"X-Robots-Tag", "opt_out"),
-    (r"Remote end closed|Connection reset|Connection refused|Connection aborted|EOF occurred|"
-     r"IncompleteRead|BadStatusLine|Broken pipe", "connection_error"),
-    (r"dns failure|Name or service not known|getaddrinfo", "dns_error"),
-    (r"unknown url type|no host given|URL can't contain", "invalid_url"),
-    (r"not an image", "not_an_image"),
-    (r"too many pixels|image area too large", "too_many_pixels"),
-    (r"truncated", "truncated_image"),
-    (r"decode error|Image decoding error", "decode_error"),
-    (r"image too small", "too_small"),
-    (r"aspect ratio too large", "bad_aspect_ratio"),
-    (r"hash mismatch", "hash_mismatch"),
+# Messages img2dataset itself produces (pattern, reason); everything Tapir raises carries a tag
+# instead (``tapir:<reason>``, set from a status code or an exception type), read first.
+_IMG2DATASET = [
+    (r"^Use of image disallowed by X-Robots-Tag", "opt_out"),
+    (r"^hash mismatch$", "hash_mismatch"),
+    (r"^unknown url type", "invalid_url"),  # urllib.request.Request(), before the opener runs
+    (r"^image too small$", "too_small"),
+    (r"^image area too large$", "too_many_pixels"),
+    (r"^aspect ratio too large$", "bad_aspect_ratio"),
+    (r"^Image decoding error$", "decode_error"),
 ]
+_TAGGED = re.compile(re.escape(TAG) + r"([a-z0-9_]+)")
 
 
 def classify(status: str | None, error_message: str | None) -> str:
@@ -64,11 +65,43 @@ def classify(status: str | None, error_message: str | None) -> str:
     if status == "success":
         return "success"
     msg = error_message or ""
-    for pattern, reason in _REASONS:
-        m = re.search(pattern, msg)
-        if m:
-            return reason.format(*m.groups())
+    m = _TAGGED.match(msg)
+    if m:
+        return m.group(1)
+    for pattern, reason in _IMG2DATASET:
+        if re.search(pattern, msg):
+            return reason
     return "other"
+
+
+_MAGIC = [(b"%PDF-", "pdf"), (b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"), (b"BZh", "bzip2"),
+          (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x00\x00\x01\x00", "ico image"),
+          (b"\x1aE\xdf\xa3", "webm/mkv video"), (b"ID3", "mp3 audio"), (b"OggS", "ogg media")]
+
+
+def content_guess(data: bytes) -> str:
+    """What a body that is not an image looks like, from its first bytes: a name, never the bytes
+    (they are the server's, and may be anything)."""
+    if not data:
+        return "empty"
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[4:8] == b"ftyp":
+        return "iso media (mp4, heic or avif)"
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(data[:1024])
+    if "\ufffd" in text or not all(c.isprintable() or c in "\r\n\t" for c in text):
+        return "binary data"
+    head = text.lstrip("\ufeff \r\n\t").lower()
+    if head.startswith(("<!doctype html", "<html")) or any(t in head for t in ("<html", "<head", "<body")):
+        return "html"
+    if head.startswith("<svg") or head.startswith("<?xml") and "<svg" in head:
+        return "svg"
+    if head.startswith("<?xml") or head.startswith("<"):
+        return "xml"
+    if head.startswith(("{", "[")):
+        return "json"
+    return "text"
 
 
 def _guarded_resizer(cfg, max_pixels: int):
@@ -88,19 +121,19 @@ def _guarded_resizer(cfg, max_pixels: int):
                     with Image.open(io.BytesIO(data)) as im:
                         w, h = im.size
                         if w * h > max_pixels:
-                            return *fail, f"too many pixels: {w}x{h} > {max_pixels}"
+                            return *fail, f"{TAG}too_many_pixels {w}x{h} > {max_pixels}"
                         if im.format == "JPEG":  # a 1/8-scale decode reads the whole stream: finds truncation cheaply
                             im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
                             im.load()
             except Image.DecompressionBombError as e:
-                return *fail, f"too many pixels: {e}"
+                return *fail, f"{TAG}too_many_pixels {e}"
             except UnidentifiedImageError:
                 if data[:4].startswith(magics):
-                    return *fail, "decode error: unreadable image header"
-                return *fail, f"not an image: starts with {data[:16]!r}"
-            except (OSError, SyntaxError, ValueError) as e:
-                kind = "truncated" if "truncated" in str(e) else "decode error"
-                return *fail, f"{kind}: {e}"
+                    return *fail, f"{TAG}decode_error unreadable image header"
+                return *fail, f"{TAG}not_an_image the body looks like {content_guess(data)}"
+            except Exception as e:  # Pillow parses untrusted bytes: whatever it raises is this row's failure
+                kind = "truncated_image" if "truncated" in str(e) else "decode_error"
+                return *fail, f"{TAG}{kind} {type(e).__name__}: {str(e)[:200]}"
             return super().__call__(img_stream, blurring_bbox_list)
 
     d = cfg.download
@@ -111,12 +144,44 @@ def _guarded_resizer(cfg, max_pixels: int):
     )
 
 
+@functools.cache
+def _writer_class():
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    class ImageWriter(WebDatasetSampleWriter):
+        """img2dataset's writer without its per-sample json and txt, which Tapir writes itself
+        from the parquet: json.dumps of a row with a date or bytes column raised there, and
+        img2dataset dropped the row without a record."""
+
+        def write(self, img_str, key, caption, meta):
+            if img_str is not None:
+                self.tarwriter.write({"__key__": key, self.encode_format: img_str})
+            self.buffered_parquet_writer.write(meta)
+
+    return ImageWriter
+
+
+def _account(table: pa.Table, planned: pa.Table, shard_id: int, oom: int) -> pa.Table:
+    """``table`` plus a failed row (``error_reason`` lost) for every planned row it lacks."""
+    have = set(table["key"].to_pylist())
+    missing = [i for i in range(planned.num_rows) if shards_key(i, shard_id, oom) not in have]
+    if not missing:
+        return table
+    log.warning("shard %s: img2dataset wrote no record for %d row(s); recorded as lost", shard_id, len(missing))
+    rows = []
+    for i in missing:
+        row = dict.fromkeys(table.column_names) | planned.slice(i, 1).to_pylist()[0]
+        rows.append(row | {"key": shards_key(i, shard_id, oom), "status": "failed_to_download", "error_message": LOST})
+    return pa.concat_tables([table, pa.Table.from_pylist(rows, schema=table.schema)])
+
+
 @dataclass
 class ShardTask:
     """One shard's download, a picklable callable run as a Ray task."""
 
     config: dict  # RunConfig as a dict (plain data crosses process boundaries)
     column_list: list[str]
+    fingerprint: dict | None = None  # written into every completion record
 
     def __call__(self, job: tuple[int, str, str]) -> dict:
         shard_id, source, kind = job
@@ -125,7 +190,8 @@ class ShardTask:
 
         ray_backend.quiet_env()
         f = cfg.download.fetch
-        fetch.install(FetchPolicy(f.allow_loopback, f.max_bytes, f.max_redirects, f.read_deadline))
+        fetch.install(FetchPolicy(allow_loopback=f.allow_loopback, max_bytes=f.max_bytes,
+                                  max_redirects=f.max_redirects, deadline=f.read_deadline))
         raw = cfg.raw_dir
         staging = shards.new_staging(raw, shard_id)
         try:
@@ -136,13 +202,14 @@ class ShardTask:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _download(self, cfg: RunConfig, shard_id: int, feather_path: Path, out: Path) -> tuple[pa.Table, dict]:
+        """img2dataset on one feather of rows: (one metadata row per input row, {key: image bytes})."""
         from img2dataset.downloader import Downloader
-        from img2dataset.writer import WebDatasetSampleWriter
 
         d = cfg.download
         out.mkdir(parents=True, exist_ok=True)
+        planned = feather.read_table(feather_path)  # img2dataset deletes its input
         downloader = Downloader(
-            sample_writer_class=WebDatasetSampleWriter, resizer=_guarded_resizer(cfg, d.fetch.max_pixels),
+            sample_writer_class=_writer_class(), resizer=_guarded_resizer(cfg, d.fetch.max_pixels),
             thread_count=d.threads, save_caption=True, extract_exif=False, output_folder=str(out),
             column_list=self.column_list, timeout=d.timeout, number_sample_per_shard=d.samples_per_shard,
             oom_shard_count=shards.SHARD_DIGITS, compute_hash=d.compute_hash, verify_hash_type=None,
@@ -151,7 +218,7 @@ class ShardTask:
         )
         downloader.download_shard((shard_id, str(feather_path)))  # raises on a shard-level failure
         name = shards.shard_name(shard_id)
-        table = pq.read_table(out / f"{name}.parquet")
+        table = _account(pq.read_table(out / f"{name}.parquet"), planned, shard_id, _oom(cfg))
         images = {k: m[d.encode_format] for k, m in shards.read_tar(out / f"{name}.tar").items()}
         return table, images
 
@@ -177,8 +244,7 @@ class ShardTask:
         if todo.num_rows:
             feather.write_feather(todo.select(self.column_list), staging / "retry.feather")
             new, new_images = self._download(cfg, shard_id, staging / "retry.feather", staging / "retry")
-            oom = math.ceil(math.log10(cfg.download.samples_per_shard))
-            to_orig = {shards_key(i, shard_id, oom): k for i, k in enumerate(todo["key"].to_pylist())}
+            to_orig = {shards_key(i, shard_id, _oom(cfg)): k for i, k in enumerate(todo["key"].to_pylist())}
             rows = {r["key"]: r for r in table.to_pylist()}
             for r in new.to_pylist():
                 orig = to_orig[r["key"]]
@@ -221,8 +287,12 @@ class ShardTask:
             "end_time": time.time(),
         }
         stats["duration"] = stats["end_time"] - stats["start_time"]
-        shards.commit(staging, cfg.raw_dir, shard_id, [f"{name}.tar", f"{name}.parquet"], stats)
+        shards.commit(staging, cfg.raw_dir, shard_id, [f"{name}.tar", f"{name}.parquet"], stats, self.fingerprint)
         return stats
+
+
+def _oom(cfg: RunConfig) -> int:
+    return math.ceil(math.log10(cfg.download.samples_per_shard))
 
 
 def shards_key(index: int, shard_id: int, oom_sample: int) -> str:
@@ -232,22 +302,66 @@ def shards_key(index: int, shard_id: int, oom_sample: int) -> str:
     return compute_key(index, shard_id, oom_sample, shards.SHARD_DIGITS)
 
 
-def plan(cfg: RunConfig) -> tuple[list[str], list[tuple[int, str, int]]]:
-    """Normalise the input once and shard it with img2dataset's reader.
+# -- what made raw/: settings and input -----------------------------------------------------
 
-    Returns the column list and the (shard_id, feather path, rows) of shards not yet done.
-    """
+# Download settings that change how fast, not what: left out of the fingerprint.
+_SPEED_ONLY = ("threads", "timeout", "retries", "retry_passes", "retry_wait", "shard_timeout")
+
+
+def download_settings(cfg: RunConfig) -> dict:
+    """The download settings that shape a shard's rows and bytes, as dotted keys."""
+    settings = shards.settings_of(cfg.download, "download", exclude=_SPEED_ONLY)
+    settings.pop("download.fetch.read_deadline", None)  # a deadline, like the timeouts
+    return settings
+
+
+def _input_for(cfg: RunConfig) -> dict:
+    """raw/_input/input.json, normalising the input first when it is new or changed.
+
+    A changed input (settings, or a file's size or time) with committed shards refuses unless
+    ``cfg.redo``: then it is read again (the shards then compare its new digest)."""
+    from pipeline.inputs import normalise, source_fingerprint
+
+    if cfg.input is None:
+        raise ConfigError("download needs an input section (input.path: the URL list)")
+    raw = cfg.raw_dir
+    norm, info_path = raw / "_input" / "input.parquet", raw / "_input" / "input.json"
+    source = source_fingerprint(cfg.input)
+    info = json.loads(info_path.read_text()) if info_path.exists() and norm.exists() else None
+    if info is not None and (info.get("fingerprint") or {}).get("hash") == source["hash"] and info.get("digest"):
+        return info
+    if info is not None and shards.done_shards(raw) and not cfg.redo:
+        raise shards.StageChanged(
+            f"download: {raw} was made from another input: {shards.explain_change(info.get('fingerprint'), source)}. "
+            f"Rerun with --redo to read the input again and redo the shards it changes, or use another output folder")
+    info = normalise(cfg.input, norm) | {"fingerprint": source}
+    shutil.rmtree(raw / "_input" / "shards", ignore_errors=True)  # planned from the old input
+    shards.atomic_write(info_path, json.dumps(info, indent=2))
+    return info
+
+
+def plan(cfg: RunConfig) -> tuple[list[str], list[tuple[int, str, int]], dict]:
+    """Normalise the input once, check what raw/ holds, and shard the input with img2dataset's reader.
+
+    Returns the column list, the (shard_id, feather path, rows) of shards not yet done, and the
+    fingerprint every shard's completion record carries. Committed shards made with other
+    settings or from another input raise :class:`shards.StageChanged`, or with ``cfg.redo``
+    are removed to be redone."""
     from img2dataset.reader import Reader
 
-    from pipeline.inputs import normalise
-
     raw = cfg.raw_dir
+    info = _input_for(cfg)
+    fingerprint = shards.fingerprint(download_settings(cfg), {"raw/_input/input.parquet": info["digest"]})
+    for sid in shards.stale_shards(raw, lambda sid: fingerprint, redo=cfg.redo, stage="download"):
+        for suffix in (".tar", ".parquet", "_failed.json"):
+            (raw / f"{shards.shard_name(sid)}{suffix}").unlink(missing_ok=True)
+    count = math.ceil(info["rows"] / cfg.download.samples_per_shard)
+    for sid in shards.failed_shards(raw):
+        if sid >= count:  # recorded under an older sharding
+            shards.failed_path(raw, sid).unlink(missing_ok=True)
+    shards.atomic_write(raw / "config.json", cfg.model_dump_json(indent=2))  # it matches what raw/ holds
     tmp = raw / "_input"
     norm = tmp / "input.parquet"
-    if not norm.exists():
-        if cfg.input is None:
-            raise ConfigError("download needs an input section (input.path: the URL list)")
-        normalise(cfg.input, norm)
     extras = [c for c in pq.read_schema(norm).names if c not in ("url", "caption")]
     reader = Reader(str(norm), "parquet", "url", "caption", None, None, extras or None,
                     cfg.download.samples_per_shard, shards.done_shards(raw), str(tmp / "shards"))
@@ -255,35 +369,44 @@ def plan(cfg: RunConfig) -> tuple[list[str], list[tuple[int, str, int]]]:
     todo = []
     for shard_id, path in reader:
         todo.append((shard_id, path, feather.read_table(path, memory_map=True).num_rows))
-    return reader.column_list, todo
+    return reader.column_list, todo, fingerprint
 
 
-def download(cfg: RunConfig) -> dict:
-    """Run the download stage; return the funnel of raw/."""
+def download(cfg: RunConfig, shard_timeout: float | None = None) -> dict:
+    """Run the download stage; return the funnel of raw/ (``failed_shards`` set when a shard
+    failed or rows stayed lost: the command then ends non-zero).
+
+    ``shard_timeout`` (default ``download.shard_timeout``): seconds after which a shard task
+    still running is cancelled and its shard recorded as failed."""
     from pipeline import ray_backend
     from pipeline.report import download_funnel
 
     ray_backend.quiet_env()
     raw = cfg.raw_dir
     raw.mkdir(parents=True, exist_ok=True)
-    (raw / "config.json").write_text(cfg.model_dump_json(indent=2))
+    shard_timeout = shard_timeout or cfg.download.shard_timeout
     shards.clear_staging(raw)
     with ThreadPoolExecutor(1) as pool:  # plan while Ray starts and its workers import
         planned = pool.submit(plan, cfg)
         ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
         ray_backend.warm_up(["pipeline.download", "img2dataset.downloader", "img2dataset.writer"])
-        column_list, todo = planned.result()
-    task = ShardTask(cfg.model_dump(), column_list)
-    failures, nodes = [], set()
-    jobs = [(sid, path, "first") for sid, path, _ in todo]
+        column_list, todo, fingerprint = planned.result()
+    task = ShardTask(cfg.model_dump(), column_list, fingerprint)
+    failures, nodes = {}, set()
+
+    def run(jobs, desc, weight):
+        for job, result, node in ray_backend.run_tasks(task, jobs, desc=desc, unit="img", weight=weight,
+                                                       max_in_flight=cfg.resources.download_tasks,
+                                                       timeout=shard_timeout):
+            nodes.add(node)
+            if isinstance(result, Exception):
+                reason = f"{type(result).__name__}: {result}"
+                failures[job[0]] = reason
+                shards.record_failure(raw, job[0], "download", reason)
+                log.error("%s of shard %s failed: %s (rerun the command to retry it)", desc, job[0], reason)
+
     rows = {sid: n for sid, _, n in todo}
-    for job, result, node in ray_backend.run_tasks(task, jobs, desc="download", unit="img",
-                                                   weight=lambda j: rows[j[0]],
-                                                   max_in_flight=cfg.resources.download_tasks):
-        nodes.add(node)
-        if isinstance(result, Exception):
-            failures.append((job[0], result))
-            log.error("shard %s failed: %s (rerun the command to retry it)", job[0], result)
+    run([(sid, path, "first") for sid, path, _ in todo], "download", lambda j: rows[j[0]])
     for round_no in range(1, cfg.download.retry_passes + 1):
         todo_retry = [sid for sid in sorted(shards.done_shards(raw))
                       if (s := shards.read_stats(raw, sid))["retryable"] and s["retry_passes_done"] < round_no]
@@ -291,15 +414,26 @@ def download(cfg: RunConfig) -> dict:
             break
         time.sleep(cfg.download.retry_wait * round_no)
         counts = {sid: shards.read_stats(raw, sid)["retryable"] for sid in todo_retry}
-        for job, result, node in ray_backend.run_tasks(task, [(sid, "", "retry") for sid in todo_retry],
-                                                 desc=f"retry pass {round_no}", unit="img",
-                                                 weight=lambda j: counts[j[0]],
-                                                 max_in_flight=cfg.resources.download_tasks):
-            if isinstance(result, Exception):
-                failures.append((job[0], result))
-                log.error("retry of shard %s failed: %s", job[0], result)
-    funnel = download_funnel(Path(cfg.output))
+        run([(sid, "", "retry") for sid in todo_retry], f"retry pass {round_no}", lambda j: counts[j[0]])
+    return _funnel(cfg, download_funnel, failures, nodes)
+
+
+def _funnel(cfg: RunConfig, download_funnel, failures: dict, nodes: set) -> dict:
+    raw = cfg.raw_dir
+    done = sorted(shards.done_shards(raw))
+    if done:
+        funnel = download_funnel(Path(cfg.output))
+    else:  # every shard failed: nothing to read, say so
+        info = json.loads((raw / "_input" / "input.json").read_text())
+        funnel = {"stage": "download", "rows_in": info["rows"], "rows_out": 0, "succeeded": 0, "failed": 0,
+                  "failed_by_reason": {}, "attempts": {}, "retried_and_succeeded": 0, "shards": 0,
+                  "lineage_ok": False, "duplicated_keys": 0}
     funnel["ray_nodes_used"] = len(nodes - {None})
-    if failures:
-        funnel["failed_shards"] = {str(sid): str(err)[:500] for sid, err in failures}
+    lost = {sid: n for sid in done if (n := shards.read_stats(raw, sid)["reasons"].get("lost", 0))}
+    funnel["lost_rows"] = sum(lost.values())
+    failed = {str(sid): reason[:500] for sid, reason in sorted(failures.items()) if sid not in done}
+    failed |= {str(sid): f"{n} row(s) img2dataset dropped without a record, kept as error_reason 'lost'"
+               for sid, n in lost.items()}
+    if failed:
+        funnel["failed_shards"] = failed
     return funnel

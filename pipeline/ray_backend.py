@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -135,6 +136,10 @@ def _apply(fn: Callable[[Any], Any], item: Any) -> tuple[str, Any]:
     return ray.get_runtime_context().get_node_id(), fn(item)
 
 
+class TaskTimeout(TimeoutError):
+    """A task ran past ``run_tasks``'s ``timeout`` and was cancelled."""
+
+
 def run_tasks(
     fn: Callable[[Any], Any],
     items: Iterable[Any],
@@ -144,18 +149,22 @@ def run_tasks(
     max_in_flight: int | None = None,
     weight: Callable[[Any], int] = lambda item: 1,
     unit: str = "shard",
+    timeout: float | None = None,
 ) -> Iterator[tuple[Any, Any, str | None]]:
     """Run ``fn(item)`` as Ray tasks; yield ``(item, result, node_id)`` as they finish.
 
     A task that raises is yielded as ``(item, exception, None)``: one bad shard never stops
-    the others. The bar advances by ``weight(item)`` (rows, say) per finished task.
+    the others. A task still running ``timeout`` seconds after it was submitted (at most
+    ``max_in_flight`` are, so it has been running about as long) is cancelled, its worker
+    killed, and yielded with a :class:`TaskTimeout`. The bar advances by ``weight(item)``
+    (rows, say) per finished task.
     """
     import ray
 
     items = list(items)
     remote = ray.remote(num_cpus=num_cpus, max_retries=1)(_apply)
     limit = max_in_flight or max(1, int(cluster_cpus() / max(num_cpus, 1e-3)))
-    pending: dict = {}
+    pending: dict = {}  # ref -> (item, submitted at)
     queue = iter(items)
     bar = tqdm(total=sum(weight(i) for i in items), desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1)
     try:
@@ -164,12 +173,23 @@ def run_tasks(
                 item = next(queue, None)
                 if item is None:
                     break
-                pending[remote.remote(fn, item)] = item
+                pending[remote.remote(fn, item)] = (item, time.monotonic())
             if not pending:
                 return
-            done, _ = ray.wait(list(pending), num_returns=1)
+            wait = None
+            if timeout is not None:
+                wait = max(0.0, min(t for _, t in pending.values()) + timeout - time.monotonic())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=wait)
+            if not done:  # the oldest ran out of time (and maybe others with it)
+                now = time.monotonic()
+                for ref in [r for r, (_, t) in pending.items() if now - t >= timeout]:
+                    item, _ = pending.pop(ref)
+                    ray.cancel(ref, force=True)
+                    log.error("%s: a task ran past %gs; cancelled", desc, timeout)
+                    bar.update(weight(item))
+                    yield item, TaskTimeout(f"did not finish within {timeout:g}s; cancelled"), None
             for ref in done:
-                item = pending.pop(ref)
+                item, _ = pending.pop(ref)
                 try:
                     node, result = ray.get(ref)
                 except Exception as err:  # a failed task is data, reported to the caller

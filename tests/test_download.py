@@ -1,17 +1,26 @@
 """The download stage on the synthetic web, in-process with a local Ray."""
 
+import datetime
 import io
 import json
+import time
+import urllib.request
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import make_config
 from PIL import Image
+from test_fetch import RawServer, answer, continue_forever, dribble_headers, never_answer, within
 
+from pipeline import download as download_mod
 from pipeline import shards
-from pipeline.download import RETRYABLE, classify, download
+from pipeline.download import RETRYABLE, ShardTask, classify, download, plan
+from pipeline.fetch import FetchPolicy, install
 from pipeline.report import report
+from pipeline.synthweb import WebServer, build_world
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +53,8 @@ def test_every_row_gets_its_intended_fate(run, world):
         assert (r["status"] == "success") == (r["error_reason"] == "success")
         if r["status"] != "success":
             assert r["error_message"], r
+        if r["error_reason"] == "not_an_image":  # a guess at the content, never the server's bytes
+            assert r["error_message"] == "tapir:not_an_image the body looks like html", r
 
 
 def test_retry_passes_record_attempts(run):
@@ -92,17 +103,23 @@ def test_rerun_of_a_finished_run_changes_nothing(run):
     assert before == after
 
 
-def test_lost_shard_is_redone_with_same_bytes(run):
-    """Deleting a shard's completion record makes a rerun redo exactly that shard."""
-    cfg, _ = run
-    sid = min(shards.done_shards(cfg.raw_dir))
-    name = shards.shard_name(sid)
-    tar_before = shards.read_tar(cfg.raw_dir / f"{name}.tar")
-    shards.stats_path(cfg.raw_dir, sid).unlink()
-    (cfg.raw_dir / f"{name}.tar").write_bytes(b"half-written garbage")
-    download(cfg)
-    tar_after = shards.read_tar(cfg.raw_dir / f"{name}.tar")
-    assert {k: v["jpg"] for k, v in tar_after.items()} == {k: v["jpg"] for k, v in tar_before.items()}
+def test_lost_shard_is_redone_with_same_bytes(local_ray, tmp_path):
+    """Deleting a shard's completion record makes a rerun redo exactly that shard. (A server and
+    a run of its own: the shared run's flaky rows must not have been fetched before.)"""
+    world = build_world(8, seed=11, noisy=False)
+    with WebServer(world) as server:
+        cfg = make_config(tmp_path / "run", world.write_url_list(str(tmp_path / "urls.parquet"), server.base_url),
+                          "download.samples_per_shard=4")
+        download(cfg)
+        sid = min(shards.done_shards(cfg.raw_dir))
+        name = shards.shard_name(sid)
+        tar_before = shards.read_tar(cfg.raw_dir / f"{name}.tar")
+        other_before = (cfg.raw_dir / "00001.tar").read_bytes()
+        shards.stats_path(cfg.raw_dir, sid).unlink()
+        (cfg.raw_dir / f"{name}.tar").write_bytes(b"half-written garbage")
+        download(cfg)
+    assert shards.read_tar(cfg.raw_dir / f"{name}.tar") == tar_before
+    assert (cfg.raw_dir / "00001.tar").read_bytes() == other_before
 
 
 def test_a_failing_task_is_reported_and_the_others_finish(local_ray):
@@ -118,16 +135,152 @@ def test_a_failing_task_is_reported_and_the_others_finish(local_ray):
     assert isinstance(results[2], Exception) and "shard 2 is broken" in str(results[2])
 
 
+def test_a_hanging_task_is_cancelled_at_its_timeout(local_ray):
+    from pipeline.ray_backend import TaskTimeout, run_tasks
+
+    def _hangs_on_two(item):
+        if item == 2:
+            time.sleep(10_000)
+        return item * 10
+
+    start = time.monotonic()
+    results = {item: result for item, result, _ in run_tasks(_hangs_on_two, [1, 2, 3], desc="t", timeout=5)}
+    assert time.monotonic() - start < 60
+    assert results[1] == 10 and results[3] == 30
+    assert isinstance(results[2], TaskTimeout) and "within 5s" in str(results[2])
+
+
 @pytest.mark.parametrize("status,msg,reason", [
-    ("failed_to_download", "HTTP Error 503: Service Unavailable", "http_5xx"),
-    ("failed_to_download", "HTTP Error 403: Forbidden", "http_403"),
-    ("failed_to_download", "<urlopen error timed out>", "timeout"),
-    ("failed_to_download", "Remote end closed connection without response", "connection_error"),
-    ("failed_to_download", "<urlopen error tapir-refused: private address 10.0.0.1>", "refused_address"),
-    ("failed_to_download", "unknown url type: 'example.com/x.jpg'", "invalid_url"),
+    ("failed_to_download", "tapir:http_5xx HTTP Error 503 ('Service Unavailable')", "http_5xx"),
+    ("failed_to_download", "tapir:http_404 HTTP Error 404 ('timeout')", "http_404"),
+    ("failed_to_download", "tapir:http_403 HTTP Error 403 ('tapir:timeout')", "http_403"),
+    ("failed_to_download", "tapir:timeout not done within the 30s deadline", "timeout"),
+    ("failed_to_download", "tapir:refused_address private address 10.0.0.1", "refused_address"),
+    ("failed_to_download", "unknown url type: 'example.com/x.jpg'", "invalid_url"),  # img2dataset's own
+    ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive", "opt_out"),
     ("failed_to_resize", "image too small", "too_small"),
-    ("failed_to_download", "something new", "other"),
+    ("failed_to_download", "HTTP Error 404: timeout", "other"),  # an untagged message is never parsed for words
+    ("failed_to_download", "Connection reset by peer, timed out", "other"),
     ("success", None, "success"),
 ])
 def test_classify(status, msg, reason):
     assert classify(status, msg) == reason
+
+
+# -- rows from hostile servers, through img2dataset's own fetch function -------------------
+
+
+@pytest.fixture
+def hardened():
+    """The hardened opener installed as a download worker installs it (restored afterwards)."""
+    saved = urllib.request._opener
+    install(FetchPolicy(allow_loopback=True, deadline=2.0))
+    yield
+    urllib.request.install_opener(saved)
+
+
+def _row(url, timeout=30):
+    from img2dataset.downloader import download_image
+
+    _, stream, err = download_image((0, url), timeout, "tapir", {"noai"})
+    return classify("success" if err is None else "failed_to_download", err), err
+
+
+@pytest.mark.parametrize("status_line,reason", [
+    (b"HTTP/1.1 404 timeout", "http_404"),
+    (b"HTTP/1.1 503 Not Found", "http_5xx"),
+    (b"HTTP/1.1 500 Connection reset", "http_5xx"),
+    (b"HTTP/1.1 410 image too small", "http_410"),
+])
+def test_row_class_comes_from_the_status_code_not_the_phrase(hardened, status_line, reason):
+    with RawServer(answer(status_line, b"<html>nope</html>")) as server:
+        got, err = _row(server.url())
+    assert got == reason, err
+    assert (got in RETRYABLE) == reason.startswith("http_5")
+
+
+@pytest.mark.parametrize("behave", [continue_forever, dribble_headers, never_answer])
+def test_hostile_servers_end_as_timeout_rows(hardened, behave):
+    with RawServer(behave) as server:
+        (reason, err), took = within(2.0 + 3.0, lambda: _row(server.url()))  # socket timeout 30 s: the deadline ends it
+    assert reason == "timeout", err
+
+
+@pytest.mark.parametrize("body,looks", [
+    (b"<!DOCTYPE html><html><body>" + b"secret" * 10, "html"),
+    (b'{"error": "token abc123"}', "json"),
+    (b"%PDF-1.7 ...", "pdf"),
+    (b"\x1f\x8b\x08\x00" + bytes(range(40)), "gzip"),
+    (b"<?xml version='1.0'?><rss/>", "xml"),
+    (b"just words here", "text"),
+    (bytes(range(256)), "binary data"),
+    (b"", "empty"),
+])
+def test_non_image_bodies_are_named_not_copied(body, looks):
+    cfg = make_config("/tmp/unused", "/tmp/unused.parquet")
+    *_, err = download_mod._guarded_resizer(cfg, 10**8)(io.BytesIO(body))
+    assert err == f"tapir:not_an_image the body looks like {looks}"
+    assert classify("failed_to_resize", err) == "not_an_image"
+
+
+# -- every planned row is accounted for ----------------------------------------------------
+
+
+def _one_shard_in_process(cfg):
+    """Plan and download shard 0 in this process (no Ray), as a download worker does."""
+    saved = urllib.request._opener
+    try:
+        column_list, todo, fingerprint = plan(cfg)
+        sid, path, _ = todo[0]
+        ShardTask(cfg.model_dump(), column_list, fingerprint)((sid, path, "first"))
+    finally:
+        urllib.request.install_opener(saved)
+    return pq.read_table(cfg.raw_dir / f"{shards.shard_name(sid)}.parquet").to_pylist()
+
+
+def test_rows_img2dataset_drops_are_recorded_as_lost_and_retried(local_ray, tmp_path, monkeypatch):
+    world = build_world(6, seed=12, noisy=False)
+    bad = world.resources[world.rows[2]["path"]].body
+    real = download_mod._guarded_resizer
+
+    def raising_resizer(cfg, max_pixels):  # a resizer that raises (img2dataset then drops the row)
+        inner = real(cfg, max_pixels)
+
+        def resize(img_stream, bbox_list=None):
+            if img_stream.getvalue() == bad:
+                raise RuntimeError("resizer bug")
+            return inner(img_stream, bbox_list)
+        return resize
+
+    with WebServer(world) as server:
+        cfg = make_config(tmp_path / "run", world.write_url_list(str(tmp_path / "urls.parquet"), server.base_url),
+                          "download.samples_per_shard=10", "download.retry_passes=0")
+        monkeypatch.setattr(download_mod, "_guarded_resizer", raising_resizer)
+        rows = _one_shard_in_process(cfg)
+        monkeypatch.undo()
+        assert len(rows) == 6
+        lost = [r for r in rows if r["error_reason"] == "lost"]
+        assert [r["row_id"] for r in lost] == [2] and lost[0]["status"] == "failed_to_download"
+        assert lost[0]["url"] == server.base_url + world.rows[2]["path"]  # the input row, whole
+        # the stage ends non-zero while the row stays lost ...
+        funnel = download(cfg)
+        assert funnel["lost_rows"] == 1 and "1 row(s)" in funnel["failed_shards"]["0"]
+        assert funnel["rows_out"] == funnel["rows_in"] == 6
+        # ... and a retry pass fetches it again (the resizer works now)
+        funnel = download(cfg.model_copy(update={"download": cfg.download.model_copy(update={"retry_passes": 1})}))
+    assert "failed_shards" not in funnel and funnel["lost_rows"] == 0
+    row = [r for r in shards.read_metadata(cfg.raw_dir).to_pylist() if r["row_id"] == 2][0]
+    assert row["status"] == "success" and row["attempts"] == 2
+
+
+def test_rows_with_a_date_column_are_kept(tmp_path):
+    """img2dataset's writer json-dumps each successful row's metadata; a date column made that raise
+    and the row vanished without a record."""
+    world = build_world(3, seed=13, noisy=False)
+    with WebServer(world) as server:
+        table = world.table(server.base_url)
+        table = table.append_column("published", pa.array([datetime.date(2020, 1, i + 1) for i in range(3)]))
+        pq.write_table(table, tmp_path / "urls.parquet")
+        rows = _one_shard_in_process(make_config(tmp_path / "run", tmp_path / "urls.parquet"))
+    assert [r["status"] for r in rows] == ["success"] * 3
+    assert [r["published"] for r in rows] == [datetime.date(2020, 1, i + 1) for i in range(3)]

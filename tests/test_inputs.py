@@ -66,3 +66,41 @@ def test_unreadable_and_missing_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no"):
         normalise(InputConfig(path=str(tmp_path / "empty")), tmp_path / "n.parquet")
+
+
+def test_url_only_lists(tmp_path):
+    """`caption_col: null` means a URL-only list; a .txt list is one URL per line (commas and all)."""
+    src = tmp_path / "urls.csv"
+    src.write_text("url\nhttp://a/1.jpg\nhttp://a/2.jpg\n")
+    normalise(InputConfig(path=str(src), caption_col=None), tmp_path / "n.parquet")
+    assert pq.read_table(tmp_path / "n.parquet").to_pylist() == [
+        {"url": "http://a/1.jpg", "caption": None}, {"url": "http://a/2.jpg", "caption": None}]
+    with pytest.raises(InputError, match="has no column 'caption'"):  # unset: the caption column is expected
+        normalise(InputConfig(path=str(src)), tmp_path / "n.parquet")
+    txt = tmp_path / "urls.txt"
+    txt.write_text('http://a/1.jpg\nhttp://a/x,y.jpg?q="2"\n\n')
+    normalise(InputConfig(path=str(txt), preset="laion"), tmp_path / "n.parquet")
+    assert pq.read_table(tmp_path / "n.parquet").to_pylist() == [
+        {"url": "http://a/1.jpg", "caption": None}, {"url": 'http://a/x,y.jpg?q="2"', "caption": None}]
+
+
+@pytest.mark.parametrize("name,text", [("urls.txt", ""), ("urls.csv", ""), ("urls.csv", "url,caption\n"),
+                                       ("urls.jsonl", "")])
+def test_an_empty_list_says_so(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(InputError, match=f"input {tmp_path / name} holds no rows"):
+        normalise(InputConfig(path=str(tmp_path / name)), tmp_path / "n.parquet")
+    assert not (tmp_path / "n.parquet").exists()
+
+
+def test_source_fingerprint_names_files_and_resolved_columns(tmp_path):
+    from pipeline.inputs import source_fingerprint
+
+    src = tmp_path / "urls.parquet"
+    write_table(ROWS, str(src))
+    fp = source_fingerprint(InputConfig(path=str(src), preset="laion"))
+    assert fp["settings"]["input.url_col"] == "URL" and fp["settings"]["input.caption_col"] == "TEXT"
+    assert list(fp["upstream"]) == [str(src.resolve())]
+    assert source_fingerprint(InputConfig(path=str(src), preset="laion", caption_col=None))["hash"] != fp["hash"]
+    write_table(ROWS.slice(0, 1), str(src))
+    assert source_fingerprint(InputConfig(path=str(src), preset="laion"))["hash"] != fp["hash"]
