@@ -129,6 +129,9 @@ class ScoreConfig(_Strict):
     actors: Optional[int] = Field(None, gt=0, description="Scoring actors (null: one per GPU, else one per CPU).")
     clip: ClipConfig = Field(default_factory=ClipConfig, description="The CLIP model.")
     ocr_max_side: int = Field(512, gt=0, description="Images are shrunk to this longer side before OCR.")
+    ocr_min_confidence: float = Field(0.8, ge=0, le=1, description="OCR boxes count toward text_area and "
+                                      "text_boxes only when their recognised text scores at least this "
+                                      "(0: every detected box, as detection alone).")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Duplicate groups over the whole dataset.")
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""Scorers, dedup and selection rules as plain classes and functions (no Ray)."""
+"""Scorers, dedup and selection rules as plain classes and functions (no Ray); the safety
+scorers are in test_filters_safety.py."""
 
 import io
 import random
@@ -12,7 +13,6 @@ from skimage import data
 from filters import dedup as dd
 from filters.basic import BasicScorer, LanguageScorer, PhashScorer, junk_alt_score
 from filters.rules import RuleError, apply, parse, resolve_fractions
-from filters.safety import NsfwScorer, OcrScorer, polygon_area
 
 
 def _jpeg(im, quality=90):
@@ -109,25 +109,6 @@ def test_groups_keep_highest_clip_score_and_record_kind():
     assert rows["c"]["duplicate_of"] is None  # highest clip score of the group is kept
     assert rows["a"] == {"key": "a", "duplicate_of": "c", "duplicate_kind": "exact"}
     assert rows["b"]["duplicate_kind"] == "exact" and rows["d"]["duplicate_of"] is None
-
-
-def test_ocr_text_image_versus_photo():
-    s = OcrScorer()
-    s.setup()
-    out = s({"image": [text_image(), Image.fromarray(data.astronaut()), Image.fromarray(data.rocket())]})
-    assert out["text_boxes"][0] >= 2 and out["text_area"][0] > 0.05
-    assert out["text_boxes"][1:] == [0, 0] and out["text_area"][1:] == [0.0, 0.0]
-
-
-def test_polygon_area():
-    assert polygon_area([[0, 0], [10, 0], [10, 5], [0, 5]]) == 50
-
-
-def test_nsfw_real_model_on_safe_photos():
-    s = NsfwScorer()
-    s.setup()
-    scores = s({"image": [Image.fromarray(data.astronaut()), Image.fromarray(data.coffee()), text_image()]})
-    assert all(0 <= v < 0.2 for v in scores["nsfw_score"]), scores
 
 
 SCHEMA = pa.schema([("key", pa.string()), ("clip_score", pa.float32()), ("language", pa.string()),
