@@ -39,6 +39,8 @@ def download_funnel(run_dir: Path) -> dict:
         "shards": len(shards.done_shards(raw)),
         "lineage_ok": rows_in == len(keys) and duplicated == 0,
         "duplicated_keys": duplicated,
+        **({"failed_shards": {str(k): v[:500] for k, v in sorted(failed.items())}}
+           if (failed := shards.failed_shards(raw)) else {}),
     }
 
 
@@ -71,17 +73,24 @@ def score_funnel(run_dir: Path, scores: Path | None = None) -> dict:
 
         kinds = pq.read_table(scores / "_dedup.parquet", columns=["duplicate_kind"])["duplicate_kind"]
         dedup = {k: v for k, v in Counter(kinds.drop_null().to_pylist()).most_common()}
-    return {"stage": "score", "rows_in": sum(s["count"] for s in stats), "scored": sum(s["scored"] for s in stats),
-            "failed": sum(s["errors"] for s in stats), "failed_by_reason": dict(reasons.most_common()),
-            "duplicates_by_kind": dedup, "shards": len(ids)}
+    out = {"stage": "score", "rows_in": sum(s["count"] for s in stats), "scored": sum(s["scored"] for s in stats),
+           "failed": sum(s["errors"] for s in stats), "failed_by_reason": dict(reasons.most_common()),
+           "duplicates_by_kind": dedup, "shards": len(ids)}
+    failed = shards.failed_shards(scores)  # recorded on disk by this run or an earlier one
+    if failed:
+        out["failed_shards"] = {str(k): v[:500] for k, v in sorted(failed.items())}
+    return out
 
 
 def select_funnel(run_dir: Path) -> dict:
     path = Path(run_dir) / "selection" / "_summary.json"
     summary = json.loads(path.read_text())
-    return {"stage": "select", "rows_in": summary["rows"], "kept": summary["kept"],
-            "dropped": summary["rows"] - summary["kept"], "dropped_by_rule": summary["dropped_by"],
-            "rules": summary["rules"]}
+    out = {"stage": "select", "rows_in": summary["rows"], "kept": summary["kept"],
+           "dropped": summary["rows"] - summary["kept"], "dropped_by_rule": summary["dropped_by"],
+           "rules": summary["rules"]}
+    if summary.get("unscored_shards"):  # raw shards with no scores: the selection has a hole
+        out["failed_shards"] = {f"score/{k}": v for k, v in summary["unscored_shards"].items()}
+    return out
 
 
 def recaption_funnel(run_dir: Path) -> dict:
@@ -113,12 +122,21 @@ def build_funnel(run_dir: Path, folder: Path | None = None) -> dict:
     stats = [shards.read_stats(folder, i) for i in ids]
     reasons = Counter(r.split(":")[0] for s in stats for r in s["failed"].values())
     buckets = Counter()
+    captions = {"txt": Counter(), "fallback": Counter()}  # which caption each sample's txt is, and why not
     for s in stats:
         buckets.update(s["buckets"])
+        for part, counts in s.get("captions", {}).items():
+            captions.setdefault(part, Counter()).update(counts)
     return {"stage": "build", "rows_in": planned["samples"], "written": sum(s["count"] for s in stats),
             "failed": sum(reasons.values()), "failed_by_reason": dict(reasons.most_common()),
             "shards": len(ids), "planned_shards": planned["shards"], "bytes": sum(s["bytes"] for s in stats),
-            "buckets": dict(sorted(buckets.items()))}
+            "buckets": dict(sorted(buckets.items())),
+            "captions": {k: dict(v.most_common()) for k, v in captions.items()}}
+
+
+def _failed_lines(f: dict) -> str:
+    return "".join(f"\n  shard {sid} FAILED (rerun to retry): {str(err).splitlines()[0][:300] if err else ''}"
+                   for sid, err in f.get("failed_shards", {}).items())
 
 
 def format_stage(f: dict) -> str:
@@ -129,25 +147,30 @@ def format_stage(f: dict) -> str:
     if f["stage"] == "recaption":
         lines = [f"recaption: {f['rows_in']} kept rows in -> {f['captioned']} captioned, {f['failed']} failed"]
         lines += [f"    {r:<30}{n:>8}" for r, n in f["failed_by_reason"].items()]
-        return "\n".join(lines)
+        return "\n".join(lines) + _failed_lines(f)
     if f["stage"] == "build":
         lines = [f"build: {f['rows_in']} rows planned -> {f['written']} samples in {f['shards']} of "
                  f"{f['planned_shards']} shards ({f['bytes'] / 1e6:.1f} MB), {f['failed']} failed"]
         lines += [f"    {r:<30}{n:>8}" for r, n in f["failed_by_reason"].items()]
         if len(f["buckets"]) > 1:
             lines.append("  buckets: " + ", ".join(f"{b} {n}" for b, n in f["buckets"].items()))
-        return "\n".join(lines)
+        used = f.get("captions", {})
+        if used.get("txt"):
+            lines.append("  txt caption: " + ", ".join(f"{k} {n}" for k, n in used["txt"].items())
+                         + ("; fell back: " + ", ".join(f"{r} {n}" for r, n in used["fallback"].items())
+                            if used.get("fallback") else ""))
+        return "\n".join(lines) + _failed_lines(f)
     if f["stage"] == "score":
         lines = [f"score: {f['rows_in']} images in -> {f['scored']} scored, {f['failed']} failed"]
         lines += [f"    {r:<22}{n:>8}" for r, n in f["failed_by_reason"].items()]
         lines += [f"  duplicates ({kind})".ljust(24) + f"{n:>8}" for kind, n in f["duplicates_by_kind"].items()]
-        return "\n".join(lines)
+        return "\n".join(lines) + _failed_lines(f)
     lines = [f"select: {f['rows_in']} rows in -> {f['kept']} kept, {f['dropped']} dropped"]
     thresholds = {r["rule"]: r["threshold"] for r in f["rules"] if "threshold" in r}
     for rule, n in f["dropped_by_rule"].items():
         note = f"  (threshold {thresholds[rule]:.4g})" if rule in thresholds else ""
         lines.append(f"    {rule:<30}{n:>8}{note}")
-    return "\n".join(lines)
+    return "\n".join(lines) + _failed_lines(f)
 
 
 def _keys(folder: Path, sid: int, where=None) -> list[str]:

@@ -430,4 +430,23 @@ def write_curated_run(output: str | Path, n: int, per_shard: int = 10, seed: int
             shards.write_parquet(out / sub / f"{name}.parquet", table)
             stats = {"count": len(rows), "successes": len(rows), "kept": sum(r.get("keep", True) for r in rows)}
             (out / sub / f"{name}_stats.json").write_text(json.dumps(stats))
+    _write_selection_summary(out, n, len(fates))
     return fates
+
+
+def _write_selection_summary(out: Path, rows: int, kept: int) -> None:
+    """The selection's ``_summary.json`` as ``tapir select`` writes it last (the default
+    rules), so later stages accept the hand-written selection as complete."""
+    import json
+
+    from pipeline import shards
+    from pipeline.config import RunConfig
+    from pipeline.select import SUMMARY, selection_fingerprint
+
+    cfg = RunConfig(output=str(out))
+    sel = out / "selection"
+    ids = sorted(shards.done_shards(sel))
+    shards.atomic_write(sel / SUMMARY, json.dumps({
+        "rules": [{"rule": r} for r in cfg.select.rules], "rows": rows, "kept": kept, "dropped_by": {},
+        "unscored_shards": {}, "fingerprint": selection_fingerprint(cfg),
+        "shards": {shards.shard_name(i): shards.record_digest(sel, i) for i in ids}}))
