@@ -13,6 +13,7 @@ a ``local-dir:/path`` folder (``open_clip_config.json`` + weights) or an
 from __future__ import annotations
 
 import logging
+import os
 
 import pyarrow as pa
 
@@ -37,6 +38,81 @@ def load_clip(model: str, pretrained: str | None = None, device: str = "cpu"):
         net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
     tokenizer = open_clip.get_tokenizer(model)
     return net.eval(), preprocess, tokenizer
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+def check_clip(model: str, pretrained: str | None = None) -> str | None:
+    """Resolve what :func:`load_clip` will load without building the model, on the driver
+    before any work; return the weights file (None for random weights).
+
+    An unknown model name, a missing ``local-dir:`` folder or weights file, an unknown
+    pretrained tag, or weights that are neither cached nor downloadable (no network, or
+    ``HF_HUB_OFFLINE=1`` and not in the Hugging Face cache) raise
+    :class:`pipeline.config.ModelLoadError` naming ``score.clip.model`` or
+    ``score.clip.pretrained``. Weights are fetched through open_clip's own resolver, so a
+    download happens once here and the actors find them cached.
+    """
+    import difflib
+    import json
+    from pathlib import Path
+
+    import open_clip
+    from open_clip.pretrained import download_pretrained, download_pretrained_from_hf, get_pretrained_cfg
+
+    from pipeline.config import ModelLoadError
+
+    def fail(key: str, value: str, reason: str):
+        raise ModelLoadError(key, value, reason)
+
+    if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:"):])
+        if not folder.is_dir():
+            fail("score.clip.model", model, f"folder {folder} does not exist")
+        try:
+            config = json.loads((folder / "open_clip_config.json").read_text())
+            config["model_cfg"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            fail("score.clip.model", model, f"no valid open_clip_config.json with a model_cfg in {folder} "
+                 f"({_one_line(e)})")
+        weights = sorted(p for ext in ("safetensors", "bin", "pth") for p in folder.glob(f"*.{ext}"))
+        if not weights:
+            fail("score.clip.model", model, f"no weights file (*.safetensors, *.bin, *.pth) in {folder}")
+        return str(weights[0])
+    if model.startswith("hf-hub:"):
+        repo = model[len("hf-hub:"):]
+        try:
+            download_pretrained_from_hf(repo, filename="open_clip_config.json")
+            return download_pretrained_from_hf(repo)
+        except Exception as e:  # offline and not cached, no such repo, no network: the reason is the message
+            fail("score.clip.model", model, _offline_hint(_one_line(e)))
+    name = model.replace("/", "-")  # as open_clip looks names up
+    if open_clip.get_model_config(name) is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+        fail("score.clip.model", model, "not an open_clip model name" +
+             (f" (did you mean {', '.join(close)}?)" if close else "; see open_clip.list_models()"))
+    if not pretrained:
+        return None
+    tag = get_pretrained_cfg(name, pretrained)
+    if not tag:
+        if os.path.isfile(pretrained):
+            return pretrained
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        fail("score.clip.pretrained", pretrained, f"neither a pretrained tag of {model} "
+             f"(known: {', '.join(tags) or 'none'}) nor an existing checkpoint file")
+    try:
+        return download_pretrained(tag)
+    except Exception as e:
+        fail("score.clip.pretrained", pretrained, _offline_hint(f"weights of {model} not available: {_one_line(e)}"))
+
+
+def _offline_hint(reason: str) -> str:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return reason + " (HF_HUB_OFFLINE is set and they are not in the Hugging Face cache)"
+    return reason
 
 
 class ClipScorer:

@@ -9,8 +9,10 @@ Rules are strings, applied in order; a dropped row records the first rule it fai
     not duplicate                 drop rows that duplicate a kept row (any kind)
     not duplicate(exact)          ... of one kind: exact, near or semantic
 
-A row whose value is missing (null) fails a comparison, a membership test and a
-top/bottom rule. ``parse`` checks every rule and column before any work starts.
+A row whose value is missing (null, or NaN) fails a comparison, a membership test and a
+top/bottom rule; NaN values never count towards a top/bottom fraction's threshold.
+``parse`` checks every rule, column and column type before any work starts: a malformed
+rule is a :class:`RuleError` naming it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ class RuleError(ValueError):
     """A rule cannot be parsed or names a score that does not exist."""
 
 
-_CMP = re.compile(r"^\s*(\w+)\s*(>=|<=|==|!=|>|<)\s*(-?[\d.]+(?:e-?\d+)?)\s*$")
-_IN = re.compile(r"^\s*(\w+)\s+(not\s+in|in)\s*\[(.*)\]\s*$")
-_TOP = re.compile(r"^\s*(top|bottom)\s+([\d.]+)\s*%\s+by\s+(\w+)\s*$")
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"  # what float() takes, minus nan/inf
+_CMP = re.compile(rf"^\s*(\w+)\s*(>=|<=|==|!=|>|<)\s*({_NUM})\s*$")
+_IN = re.compile(r"^\s*(\w+)\s+(not\s+in|in)\s*\[([^\[\]]*)\]\s*$")
+_TOP = re.compile(rf"^\s*(top|bottom)\s+({_NUM})\s*%\s+by\s+(\w+)\s*$")
 _DUP = re.compile(r"^\s*not\s+duplicate(?:\((exact|near|semantic)\))?\s*$")
 _OPS = {">=": pc.greater_equal, "<=": pc.less_equal, "==": pc.equal, "!=": pc.not_equal,
         ">": pc.greater, "<": pc.less}
@@ -63,30 +66,50 @@ class Rule:
             result = pc.and_(result, pc.is_valid(col))
         else:  # top/bottom: a threshold computed by the caller over the whole dataset
             result = (pc.greater_equal if self.op == "top" else pc.less_equal)(col, self.value)
+        if self.kind != "in" and pa.types.is_floating(col.type):  # NaN fails (IEEE makes NaN != x true)
+            result = pc.and_(result, pc.invert(pc.is_nan(col)))
         return np.asarray(pc.fill_null(result, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _values(raw: str) -> list:
-    out = []
-    for item in (x.strip() for x in raw.split(",")):
-        if not item:
-            continue
-        item = item.strip("'\"")
-        try:
-            out.append(float(item) if "." in item else int(item))
-        except ValueError:
-            out.append(item)
-    return out
+FORMS = ("'SCORE >= NUMBER' (also >, <=, <, ==, !=), 'SCORE in [a, b]', 'SCORE not in [a, b]', "
+         "'top N% by SCORE', 'bottom N% by SCORE', 'not duplicate', 'not duplicate(exact|near|semantic)'")
+
+
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _values(text: str, raw: str, field: pa.Field) -> list:
+    """The items of ``[a, b]`` as the column's type (strings unquoted or quoted)."""
+    items = [x.strip().strip("'\"") for x in raw.split(",")]
+    items = [x for x in items if x]
+    if not items:
+        raise RuleError(f"rule {text!r}: the list is empty")
+    if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+        return items
+    if not _numeric(field.type):
+        raise RuleError(f"rule {text!r}: score {field.name!r} is {field.type}; membership needs numbers or text")
+    try:
+        return [float(x) if pa.types.is_floating(field.type) else int(x) for x in items]
+    except ValueError:
+        raise RuleError(f"rule {text!r}: score {field.name!r} holds numbers, and {items} are not all "
+                        f"{'numbers' if pa.types.is_floating(field.type) else 'integers'}") from None
 
 
 def parse(texts: list[str], schema: pa.Schema) -> list[Rule]:
-    """Parse rules and check their columns against the available scores."""
+    """Parse rules and check their columns (and their types) against the available scores."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise RuleError(f"rules must be a list of strings, got {type(texts).__name__} {texts!r}")
     rules = []
     for text in texts:
+        if not isinstance(text, str):
+            raise RuleError(f"rule {text!r} is a {type(text).__name__}, not a string; the forms are {FORMS}")
+        if not text.strip():
+            raise RuleError(f"rule {text!r} is empty; the forms are {FORMS}")
         if m := _CMP.match(text):
             rule = Rule(text, "cmp", m[1], m[2], float(m[3]))
         elif m := _IN.match(text):
-            rule = Rule(text, "in", m[1], " ".join(m[2].split()), _values(m[3]))
+            rule = Rule(text, "in", m[1], " ".join(m[2].split()), m[3])
         elif m := _TOP.match(text):
             frac = float(m[2])
             if not 0 < frac <= 100:
@@ -95,11 +118,16 @@ def parse(texts: list[str], schema: pa.Schema) -> list[Rule]:
         elif m := _DUP.match(text):
             rule = Rule(text, "dup", "duplicate_of", value=m[1])
         else:
-            raise RuleError(f"rule {text!r} is not understood; see `filters/rules.py` for the forms")
+            raise RuleError(f"rule {text!r} is not understood; the forms are {FORMS}")
         for col in rule.columns():
             if col not in schema.names:
                 available = ", ".join(n for n in schema.names if n not in ("key", "clip_embedding"))
                 raise RuleError(f"rule {text!r} names unknown score {col!r}; available: {available}")
+        field = schema.field(rule.column) if rule.kind != "dup" else None
+        if rule.kind in ("cmp", "top") and not _numeric(field.type):
+            raise RuleError(f"rule {text!r}: score {rule.column!r} is {field.type}, not a number")
+        if rule.kind == "in":
+            rule = Rule(text, "in", rule.column, rule.op, _values(text, rule.value, field))
         rules.append(rule)
     return rules
 
@@ -110,6 +138,7 @@ def resolve_fractions(rules: list[Rule], table: pa.Table) -> list[Rule]:
     for rule in rules:
         if rule.kind == "top":
             values = table[rule.column].drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
+            values = values[~np.isnan(values)]  # NaN takes no place: it would sort last and become the threshold
             if len(values) == 0:
                 threshold = np.inf if rule.op == "top" else -np.inf
             else:  # the k-th best value, k = ceil(fraction * n): ties at the threshold are kept

@@ -17,7 +17,7 @@ MARK = ".tapir-demo"  # written into a folder the demo created: only such a fold
 def _fresh(output: Path) -> None:
     """Start from an empty folder: create it, or empty one an earlier demo made; refuse any
     other non-empty folder (``--output ~`` must never delete a home directory)."""
-    if output.exists() and any(output.iterdir()):
+    if output.exists() and any(p.name != ".tapir.lock" for p in output.iterdir()):
         if not (output / MARK).is_file():
             raise FileExistsError(f"{output} is not empty and was not made by `tapir demo`; give --output a new or "
                                   "empty folder")

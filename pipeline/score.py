@@ -8,12 +8,22 @@ while the current one is scored, and write their part of a shard atomically
 (scores/_parts/GROUP/); a shard is committed once all its parts are in, and a rerun
 redoes only what has no completion record. After all shards, duplicate groups are
 computed over the whole dataset into ``scores/_dedup.parquet``.
+
+Every part and shard record carries a fingerprint (:func:`shard_fingerprint`: the settings
+that change its bytes and the record of the raw shard it was made from). A rerun with
+other settings refuses, naming the change, or redoes the changed shards with ``--redo``;
+stale parts of a killed run are redone, never merged. ``_dedup.parquet`` carries the
+dedup settings and a digest of the score records it was computed from (parquet metadata)
+and is recomputed whenever either changed. A shard that fails leaves
+``NNNNN_failed.json``; the command then exits non-zero.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +45,51 @@ BASE_SCHEMA = pa.schema([("key", pa.string()), ("score_error", pa.string()), ("s
 
 
 MODEL_SCORERS = ("clip",)  # run on actor pools (GPUs when present); the others run as CPU tasks
+DEDUP_META = b"tapir.fingerprint"  # _dedup.parquet's schema metadata: what it was computed from
+
+
+def shard_settings(cfg: ScoreConfig) -> dict:
+    """The settings that change a score shard's bytes: the scorers and their models, not
+    batch size, actors, threads or device (where it runs, not what it computes)."""
+    out = {"score.scorers": list(cfg.scorers)}
+    if "clip" in cfg.scorers:
+        out |= {f"score.clip.{k}": getattr(cfg.clip, k) for k in ("model", "pretrained", "precision")}
+    if "ocr" in cfg.scorers:
+        out |= {"score.ocr_max_side": cfg.ocr_max_side, "score.ocr_min_confidence": cfg.ocr_min_confidence}
+    return out
+
+
+def shard_fingerprint(cfg: RunConfig, shard_id: int) -> dict:
+    """What a score shard (and each of its parts) must have been made from: the settings
+    and the completion record of its raw shard."""
+    return shards.fingerprint(shard_settings(cfg.score),
+                              {f"raw/{shards.shard_name(shard_id)}": shards.record_digest(cfg.score_input, shard_id)})
+
+
+def scores_digest(folder: Path) -> str:
+    """One digest of every committed score record (which shards, and which version of each):
+    it changes when any shard is added or redone. One line per shard, so it scales."""
+    h = hashlib.sha256()
+    for sid in sorted(shards.done_shards(folder)):
+        h.update(f"{shards.shard_name(sid)} {shards.record_digest(folder, sid)}\n".encode())
+    return h.hexdigest()
+
+
+def dedup_fingerprint(cfg: RunConfig) -> dict:
+    return shards.fingerprint(shards.settings_of(cfg.score.dedup, "score.dedup"),
+                              {"scores": scores_digest(cfg.scores_dir)})
+
+
+def dedup_staleness(cfg: RunConfig) -> str | None:
+    """Why ``scores/_dedup.parquet`` does not match the current score shards and dedup
+    settings (None when it does)."""
+    path = cfg.scores_dir / "_dedup.parquet"
+    if not path.exists():
+        return "it is missing"
+    meta = pq.read_schema(path).metadata or {}
+    have = json.loads(meta[DEDUP_META]) if DEDUP_META in meta else None
+    want = dedup_fingerprint(cfg)
+    return None if have and have["hash"] == want["hash"] else shards.explain_change(have, want)
 
 
 def build_scorers(cfg: ScoreConfig, names: list[str]) -> list:
@@ -45,7 +100,7 @@ def build_scorers(cfg: ScoreConfig, names: list[str]) -> list:
     make = {
         "basic": BasicScorer, "language": LanguageScorer, "phash": PhashScorer,
         "clip": lambda: ClipScorer(cfg.clip.model, cfg.clip.pretrained, cfg.clip.device, cfg.clip.precision),
-        "nsfw": NsfwScorer, "ocr": lambda: OcrScorer(cfg.ocr_max_side),
+        "nsfw": NsfwScorer, "ocr": lambda: OcrScorer(cfg.ocr_max_side, cfg.ocr_min_confidence),
     }
     return [make[name]() for name in names]
 
@@ -184,7 +239,8 @@ class ScoreShard:
         stats = {"count": table.num_rows, "scored": table.num_rows - len(errors), "errors": len(errors),
                  "error_reasons": {e.split(":")[0]: errors.count(e) for e in errors} if errors else {},
                  "scorers": [s.name for s in self.scorers], "duration": time.time() - start}
-        shards.commit(staging, out, shard_id, [f"{name}.parquet"], stats)
+        shards.commit(staging, out, shard_id, [f"{name}.parquet"], stats,
+                      fingerprint=shard_fingerprint(self.cfg, shard_id))
         return stats
 
 
@@ -202,7 +258,12 @@ def dedup(cfg: RunConfig) -> pa.Table:
     from filters import dedup as dd
 
     folder, d = cfg.scores_dir, cfg.score.dedup
-    names = pq.read_schema(next(folder.glob("0*.parquet"))).names
+    ids = sorted(shards.done_shards(folder))
+    if not ids:
+        raise FileNotFoundError(f"no scored shards in {folder} to find duplicates in (every shard failed, see "
+                                f"its NNNNN_failed.json, or none was scored yet)")
+    made_from = dedup_fingerprint(cfg)  # before reading: a shard redone meanwhile makes it stale, never silently mixed
+    names = pq.read_schema(folder / f"{shards.shard_name(ids[0])}.parquet").names
     wanted = [c for c in ("key", "score_error", "sha256", "phash", "phash_mirror", "clip_score", "min_side")
               if c in names]
     table = read_scores(folder, wanted)
@@ -217,7 +278,7 @@ def dedup(cfg: RunConfig) -> pa.Table:
     if d.semantic and "clip_embedding" in names:
         def by_shard():
             start = 0
-            for sid in sorted(shards.done_shards(folder)):
+            for sid in ids:
                 t = pq.read_table(folder / f"{shards.shard_name(sid)}.parquet", columns=["clip_embedding"])
                 col = t["clip_embedding"]
                 idx = np.arange(start, start + len(col))
@@ -233,9 +294,8 @@ def dedup(cfg: RunConfig) -> pa.Table:
     side = table["min_side"].to_pylist() if "min_side" in names else [None] * len(keys)
     priority = [(-(s if s is not None else -np.inf), -(m or 0)) for s, m in zip(score, side)]
     result = dd.groups(keys, edges, priority)
-    tmp = folder / "_dedup.parquet.tmp"
-    pq.write_table(result, tmp)
-    tmp.replace(folder / "_dedup.parquet")
+    result = result.replace_schema_metadata({DEDUP_META: json.dumps(made_from)})
+    shards.atomic_write_parquet(folder / "_dedup.parquet", result)
     return result
 
 
@@ -246,6 +306,12 @@ def part_dir(cfg: RunConfig, group: str) -> Path:
 def merge_parts(cfg: RunConfig, shard_id: int, groups: list[str]) -> None:
     """Join the groups' parts of a shard (same keys, same order) into scores/NNNNN.parquet."""
     name = shards.shard_name(shard_id)
+    made_from = shard_fingerprint(cfg, shard_id)
+    stats = [shards.read_stats(part_dir(cfg, g), shard_id) for g in groups]
+    for g, st in zip(groups, stats):  # parts are checked at start too; this holds whatever happened since
+        if (st.get("fingerprint") or {}).get("hash") != made_from["hash"]:
+            raise shards.StageChanged(f"score part {g}/{name} was made differently: "
+                                      f"{shards.explain_change(st.get('fingerprint'), made_from)}")
     parts = [pq.read_table(part_dir(cfg, g) / f"{name}.parquet") for g in groups]
     table = parts[0]
     for part in parts[1:]:
@@ -255,7 +321,6 @@ def merge_parts(cfg: RunConfig, shard_id: int, groups: list[str]) -> None:
                                  pa.array(errors, pa.string()))
         for col in part.column_names[2:]:
             table = table.append_column(part.schema.field(col), part[col])
-    stats = [shards.read_stats(part_dir(cfg, g), shard_id) for g in groups]
     errors = table["score_error"].drop_null().to_pylist()
     reasons = [e.split(":")[0] for e in errors]
     record = {"count": table.num_rows, "scored": table.num_rows - len(errors), "errors": len(errors),
@@ -263,24 +328,27 @@ def merge_parts(cfg: RunConfig, shard_id: int, groups: list[str]) -> None:
               "scorers": [n for st in stats for n in st["scorers"]], "duration": sum(st["duration"] for st in stats)}
     staging = shards.new_staging(cfg.scores_dir, shard_id)
     shards.write_parquet(staging / f"{name}.parquet", table)
-    shards.commit(staging, cfg.scores_dir, shard_id, [f"{name}.parquet"], record)
+    shards.commit(staging, cfg.scores_dir, shard_id, [f"{name}.parquet"], record, fingerprint=made_from)
     for g in groups:
         for f in (f"{name}.parquet", f"{name}_stats.json"):
             (part_dir(cfg, g) / f).unlink(missing_ok=True)
 
 
 def score(cfg: RunConfig) -> dict:
-    """Run the score stage; return its funnel.
+    """Run the score stage; return its funnel (``failed_shards`` when a shard failed).
 
     CPU scorers run as Ray tasks and model scorers on an actor pool (a GPU per actor when
     the cluster has GPUs), at the same time; each writes its part of a shard, and a shard
-    is committed once all its parts are in.
+    is committed once all its parts are in. A model that cannot load stops the stage here,
+    before any work (:func:`filters.clip.check_clip`).
     """
-    import threading
-
     from pipeline import ray_backend
     from pipeline.report import score_funnel
 
+    if "clip" in cfg.score.scorers:
+        from filters.clip import check_clip
+
+        check_clip(cfg.score.clip.model, cfg.score.clip.pretrained)
     ray_backend.quiet_env()
     src, out = cfg.score_input, cfg.scores_dir
     available = shards.done_shards(src)
@@ -291,37 +359,84 @@ def score(cfg: RunConfig) -> dict:
               "model": [n for n in cfg.score.scorers if n in MODEL_SCORERS]}
     groups = {g: names for g, names in groups.items() if names}
     out.mkdir(parents=True, exist_ok=True)
-    for folder in (out, *(part_dir(cfg, g) for g in groups)):
-        shards.clear_staging(folder)
+    expected = functools.partial(shard_fingerprint, cfg)
+    redone = shards.stale_shards(out, expected, redo=cfg.redo, stage="score")  # refuses unless --redo
+    for g in groups:
+        part_dir(cfg, g).mkdir(parents=True, exist_ok=True)
+        shards.clear_staging(part_dir(cfg, g))
+        # parts are not output: one made with other settings or from another raw shard is redone, never merged
+        stale = shards.stale_shards(part_dir(cfg, g), expected, redo=True, stage="score")
+        if stale:
+            log.info("redoing %d %s part(s) made with other settings or inputs", len(stale), g)
+    if redone:
+        log.info("redoing %d shard(s) whose settings or inputs changed (--redo)", len(redone))
+    shards.clear_staging(out)
     todo = sorted(available - shards.done_shards(out))
-    ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
+    failures: dict[int, BaseException] = {}
+    if todo:
+        ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
+        _score_shards(cfg, groups, todo, failures)
+    for sid, err in sorted(failures.items()):
+        log.error("scoring shard %s failed: %s (rerun to retry it)", shards.shard_name(sid), err)
+        shards.record_failure(out, sid, "score", f"{type(err).__name__}: {err}")
+    if not shards.done_shards(out):
+        log.error("no shard could be scored; no duplicate groups computed")
+    elif reason := dedup_staleness(cfg):
+        log.info("computing duplicate groups (scores/_dedup.parquet: %s)", reason)
+        dedup(cfg)
+    funnel = score_funnel(Path(cfg.output), cfg.scores_dir)
+    if failures:
+        funnel["failed_shards"] = {str(k): f"{type(v).__name__}: {v}"[:500]
+                                   for k, v in sorted(failures.items())}
+    return funnel
+
+
+def _score_shards(cfg: RunConfig, groups: dict, todo: list[int], failures: dict) -> None:
+    """Score ``todo``: the CPU group as tasks on a thread, the model group on an actor pool
+    here; merge each shard when its parts are in. A shard that fails (either part or the
+    merge) goes into ``failures``; anything else that goes wrong, in either loop, raises."""
+    import threading
+
+    from pipeline import ray_backend
+
+    out, src = cfg.scores_dir, cfg.score_input
     rows = {sid: json_count(src, sid) for sid in todo}
-    failures: dict = {}
     dump = cfg.model_dump()
     lock = threading.Lock()
 
     def merge_if_ready(sid: int) -> None:  # commit a shard as soon as all its parts are in
         with lock:
-            if sid not in shards.done_shards(out) and all(
-                    shards.stats_path(part_dir(cfg, g), sid).exists() for g in groups):
-                merge_parts(cfg, sid, list(groups))
+            if sid in failures or sid in shards.done_shards(out):
+                return
+            if all(shards.stats_path(part_dir(cfg, g), sid).exists() for g in groups):
+                try:
+                    merge_parts(cfg, sid, list(groups))
+                except Exception as e:  # a shard that cannot be merged (disk full, parts that disagree) fails alone
+                    failures[sid] = e
 
-    def run_cpu():
-        part_dir(cfg, "cpu").mkdir(parents=True, exist_ok=True)
-        stage = ScoreShard(dump, "cpu", groups["cpu"], with_hash=True)
-        pending = sorted(set(todo) - shards.done_shards(part_dir(cfg, "cpu")))
-        for sid, result, _ in ray_backend.run_tasks(stage.as_task, pending, desc="score (cpu)", unit="img",
-                                                    weight=lambda s: rows[s], num_cpus=1):
+    def collect(results) -> None:
+        for sid, result, _ in results:
             if isinstance(result, Exception):
-                failures[sid] = result
+                with lock:
+                    failures[sid] = result
             else:
                 merge_if_ready(sid)
 
-    thread = threading.Thread(target=run_cpu, daemon=True) if "cpu" in groups else None
+    thread_error: list[BaseException] = []
+
+    def run_cpu() -> None:  # an exception here must fail the command, not end a thread quietly
+        try:
+            stage = ScoreShard(dump, "cpu", groups["cpu"], with_hash=True)
+            pending = sorted(set(todo) - shards.done_shards(part_dir(cfg, "cpu")))
+            collect(ray_backend.run_tasks(stage.as_task, pending, desc="score (cpu)", unit="img",
+                                          weight=lambda s: rows[s], num_cpus=1))
+        except BaseException as e:
+            thread_error.append(e)
+
+    thread = threading.Thread(target=run_cpu, daemon=True, name="score-cpu") if "cpu" in groups else None
     if thread:
         thread.start()
     if "model" in groups:
-        part_dir(cfg, "model").mkdir(parents=True, exist_ok=True)
         gpus = cfg.resources.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray_backend.cluster_gpus() >= 1 else 0.0
@@ -330,25 +445,17 @@ def score(cfg: RunConfig) -> dict:
                                       max(1, int(ray_backend.cluster_cpus() / cpus) - (1 if thread else 0)))
         stage = ScoreShard(dump, "model", groups["model"], threads=int(cpus), with_hash="cpu" not in groups)
         pending = sorted(set(todo) - shards.done_shards(part_dir(cfg, "model")))
-        for sid, result, _ in ray_backend.run_actor_pool(stage, pending, desc="score (model)", actors=actors,
-                                                         num_cpus=cpus, num_gpus=gpus, weight=lambda s: rows[s],
-                                                         unit="img"):
-            if isinstance(result, Exception):
-                failures[sid] = result
-            else:
-                merge_if_ready(sid)
+        collect(ray_backend.run_actor_pool(stage, pending, desc="score (model)", actors=actors, num_cpus=cpus,
+                                           num_gpus=gpus, weight=lambda s: rows[s], unit="img"))
     if thread:
         thread.join()
+    if thread_error:
+        raise RuntimeError(f"the CPU scorers stopped: {type(thread_error[0]).__name__}: {thread_error[0]}") \
+            from thread_error[0]
     for sid in todo:  # parts finished by an earlier, killed run
         merge_if_ready(sid)
-    for sid, err in failures.items():
-        log.error("scoring shard %s failed: %s (rerun to retry it)", sid, err)
-    if todo or not (out / "_dedup.parquet").exists():
-        dedup(cfg)
-    funnel = score_funnel(Path(cfg.output), cfg.scores_dir)
-    if failures:
-        funnel["failed_shards"] = {str(k): str(v)[:500] for k, v in failures.items()}
-    return funnel
+    for sid in set(todo) - shards.done_shards(out) - set(failures):  # never a shard neither done nor failed
+        failures[sid] = RuntimeError("a part of this shard never came back")
 
 
 def json_count(folder: Path, shard_id: int) -> int:

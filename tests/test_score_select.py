@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -211,13 +210,11 @@ def test_kill_and_resume_score_gives_same_scores(scored, tmp_path):
     conf.score.actors = 1
     path = tmp_path / "score.yaml"
     path.write_text(conf.model_dump_json())  # JSON is YAML
-    proc = subprocess.Popen(tapir_cmd("score", path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(conf.scores_dir.glob("**/*_stats.json")):
-        time.sleep(0.1)  # the first committed part (either scorer group) or shard
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # killed (driver and Ray workers, SIGKILL) the moment any folder holds two committed parts or shards
+    with open(tmp_path / "killed.log", "w") as log:  # a file, not a pipe: no orphan can hold it open
+        proc = subprocess.run(tapir_cmd("score", path), stdout=subprocess.DEVNULL, stderr=log, timeout=300,
+                              start_new_session=True, env=os.environ | {"TAPIR_KILL_AFTER_COMMITS": "2"})
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
     assert list(conf.scores_dir.glob("**/*_stats.json")) and len(shards.done_shards(conf.scores_dir)) < 3
     resumed = subprocess.run(tapir_cmd("score", path), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -239,3 +236,216 @@ def test_report_has_plots_grid_and_html(scored):
         assert Image.open(out / png).size[0] > 100
     page = (out / "index.html").read_text()
     assert "samples.png" in page and "not duplicate" in page
+
+
+# -- issue 11: fingerprints, stale parts and dedup, whole selections, failures on record -----------------------
+
+
+def _changed(cfg, **changes):
+    """A validated copy of ``cfg`` with dotted keys changed (``score__dedup__near=False``)."""
+    from pipeline.config import RunConfig
+
+    data = cfg.model_dump()
+    for key, value in changes.items():
+        *path, last = key.split("__")
+        node = data
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return RunConfig.model_validate(data)
+
+
+def _copy_run(cfg, tmp_path, *, selection=False, **changes):
+    """The scored run's scores (and selection) copied into a run of its own that reads the same raw/."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(cfg.scores_dir, out / "scores")
+    if selection:
+        shutil.copytree(cfg.selection_dir, out / "selection")
+    return _changed(cfg, output=str(out), score__input=str(cfg.raw_dir), **changes)
+
+
+def _records(folder):
+    return {sid: shards.stats_path(folder, sid).read_bytes() for sid in shards.done_shards(folder)}
+
+
+def test_score_refuses_a_changed_clip_model_but_not_a_changed_batch_size(scored, tmp_path):
+    from filters.clip import save_local_clip
+    from pipeline.score import score
+
+    cfg, _, _, _, _ = scored
+    conf = _copy_run(cfg, tmp_path, score__batch_size=3, score__actors=2)
+    before = _records(conf.scores_dir)
+    score(conf)  # speed settings are not part of what a shard is
+    assert _records(conf.scores_dir) == before
+    other = _changed(conf, score__clip__model=save_local_clip(tmp_path / "other-clip", seed=1))
+    with pytest.raises(shards.StageChanged, match=r"score: .*3 shards .*score\.clip\.model was 'local-dir:.*--redo"):
+        score(other)
+    assert _records(conf.scores_dir) == before  # refused before touching anything
+
+
+def test_stale_parts_are_redone_and_redo_rescores(scored, tmp_path):
+    """A part left by a killed run with other scorers is redone, never merged; a finished run
+    with other scorers is refused, then redone whole with redo."""
+    from pipeline.score import ScoreShard, part_dir, score
+
+    cfg, _, _, _, _ = scored
+    basic = _basic(cfg, tmp_path / "run", cfg.raw_dir)
+    stage = ScoreShard(basic.model_dump(), "cpu", ["basic"])  # what a run killed after one part leaves
+    stage.setup()
+    stage(1)
+    assert shards.done_shards(part_dir(basic, "cpu")) == {1}
+    both = _changed(basic, score__scorers=["basic", "phash"])
+    funnel = score(both)
+    assert funnel["shards"] == 3 and not funnel.get("failed_shards")
+    for sid in range(3):
+        assert "phash" in pq.read_schema(both.scores_dir / f"{shards.shard_name(sid)}.parquet").names, sid
+    with pytest.raises(shards.StageChanged, match=r"score\.scorers was \['basic', 'phash'\], now \['basic'\]"):
+        score(basic)
+    score(_changed(basic, redo=True))
+    for sid in range(3):
+        assert "phash" not in pq.read_schema(basic.scores_dir / f"{shards.shard_name(sid)}.parquet").names, sid
+        assert shards.read_stats(basic.scores_dir, sid)["fingerprint"]["settings"]["score.scorers"] == ["basic"]
+    from pipeline.score import dedup_fingerprint
+
+    meta = json.loads(pq.read_schema(basic.scores_dir / "_dedup.parquet").metadata[b"tapir.fingerprint"])
+    assert meta["hash"] == dedup_fingerprint(basic)["hash"]  # recomputed from the redone shards
+
+
+def test_stale_dedup_is_recomputed_and_select_refuses_it(scored, tmp_path):
+    from pipeline.score import score
+    from pipeline.select import select
+
+    cfg, _, _, _, keys = scored
+    conf = _copy_run(cfg, tmp_path, score__dedup__near=False)
+    with pytest.raises(shards.StageChanged, match=r"_dedup.parquet does not match the scores: "
+                                                  r"score\.dedup\.near was True, now False"):
+        select(conf)
+    score(conf)  # all shards are done: only the duplicate groups are redone, with the new setting
+    dedup = {r["key"]: r for r in pq.read_table(conf.scores_dir / "_dedup.parquet").to_pylist()}
+    assert {dedup[keys[k]]["duplicate_kind"] for k in ("astronaut", "astronaut_flip")} == {None}
+    assert {dedup[keys[k]]["duplicate_kind"] for k in ("chelsea", "chelsea_copy")} == {None, "exact"}
+    select(conf)
+    # a score shard redone after dedup (here: its record rewritten) makes dedup stale again
+    record = shards.read_stats(conf.scores_dir, 1)
+    shards.atomic_write(shards.stats_path(conf.scores_dir, 1), json.dumps(record | {"duration": 1.0}))
+    with pytest.raises(shards.StageChanged, match=r"_dedup.parquet does not match the scores: its input scores "):
+        select(conf)
+    score(conf)
+    select(conf)
+
+
+def test_select_writes_a_whole_selection(scored, tmp_path):
+    """A select killed after its first shard leaves no summary: later stages refuse the mix."""
+    from pipeline.select import check_selection, select
+
+    cfg, _, _, _, _ = scored
+    conf = _copy_run(cfg, tmp_path, selection=True)
+    select(conf)
+    assert check_selection(conf)["kept"] == json.loads((cfg.selection_dir / "_summary.json").read_text())["kept"]
+    records = _records(conf.selection_dir)
+    select(conf)  # the same selection again: every record byte for byte (later stages redo nothing)
+    assert _records(conf.selection_dir) == records
+    other = _changed(conf, select__rules=["junk_alt < 0.8"])
+    with pytest.raises(shards.StageChanged, match=r"selected differently: select\.rules was"):
+        check_selection(other)
+    path = tmp_path / "other.yaml"
+    path.write_text(other.model_dump_json())
+    with open(tmp_path / "killed.log", "w") as log:  # the folder holds 3 records: killed after the first new one
+        proc = subprocess.run(tapir_cmd("select", path), stdout=subprocess.DEVNULL, stderr=log, timeout=300,
+                              start_new_session=True, env=os.environ | {"TAPIR_KILL_AFTER_COMMITS": "1"})
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    assert _records(conf.selection_dir) != records  # one shard is new, the others old
+    assert not (conf.selection_dir / "_summary.json").exists()
+    for c in (conf, other):
+        with pytest.raises(shards.StageChanged, match="no complete selection .* run `tapir select`"):
+            check_selection(c)
+    select(other)
+    assert check_selection(other)["rules"] == [{"rule": "junk_alt < 0.8"}]
+    with pytest.raises(shards.StageChanged, match="select.rules was"):
+        check_selection(conf)
+
+
+def _basic(cfg, output, raw):
+    """The basic scorer alone (cheap CPU tasks), exact dedup only."""
+    return _changed(cfg, output=str(output), score__input=str(raw), score__scorers=["basic"],
+                    score__dedup__near=False, score__dedup__semantic=False,
+                    select__rules=["not duplicate", "min_side >= 8"])
+
+
+def test_failed_score_shard_is_recorded_and_select_reports_it(scored, tmp_path):
+    import shutil
+
+    from pipeline.score import score
+    from pipeline.select import select
+
+    cfg, _, _, _, _ = scored
+    raw = tmp_path / "raw"
+    shutil.copytree(cfg.raw_dir, raw)
+    (raw / "00001.tar").write_bytes(b"this is not a tar file" * 100)  # a shard that cannot be read
+    conf = _basic(cfg, tmp_path / "run", raw)
+    funnel = score(conf)
+    assert set(funnel["failed_shards"]) == {"1"} and "ReadError" in funnel["failed_shards"]["1"]
+    assert set(shards.failed_shards(conf.scores_dir)) == {1}  # on disk, with its reason
+    assert "ReadError" in shards.failed_shards(conf.scores_dir)[1]
+    assert shards.done_shards(conf.scores_dir) == {0, 2} and (conf.scores_dir / "_dedup.parquet").exists()
+    funnel = select(conf)  # selects the rest, lists the hole, and exits non-zero (failed_shards)
+    assert set(funnel["failed_shards"]) == {"1"} and "ReadError" in funnel["failed_shards"]["1"]
+    from pipeline.select import check_selection
+
+    assert set(check_selection(conf)["unscored_shards"]) == {"1"}
+    assert shards.done_shards(conf.selection_dir) == {0, 2}
+
+
+def test_no_scorable_shard_is_a_failure_not_a_stopiteration(scored, tmp_path):
+    import shutil
+
+    from pipeline.score import dedup, score
+
+    cfg, _, _, _, _ = scored
+    raw = tmp_path / "raw"
+    shutil.copytree(cfg.raw_dir, raw)
+    for tar in raw.glob("*.tar"):
+        tar.write_bytes(b"\0" * 10)
+    conf = _basic(cfg, tmp_path / "run", raw)
+    funnel = score(conf)
+    assert set(funnel["failed_shards"]) == {"0", "1", "2"} and funnel["shards"] == 0
+    assert not (conf.scores_dir / "_dedup.parquet").exists()
+    with pytest.raises(FileNotFoundError, match="no scored shards in .* to find duplicates in"):
+        dedup(conf)
+
+
+def test_cpu_scorer_thread_error_fails_the_stage(scored, tmp_path, monkeypatch):
+    """The CPU scorers' loop runs on a thread: an error there (here: the Ray cluster lost
+    after the first shard) must fail the command, not end the thread and leave shards unscored."""
+    from pipeline import ray_backend
+    from pipeline.score import score
+
+    cfg, _, _, _, _ = scored
+    real = ray_backend.run_tasks
+
+    def lost_after_one(*args, **kwargs):
+        results = real(*args, **kwargs)
+        yield next(results)
+        results.close()
+        raise ConnectionError("lost the connection to the Ray cluster")
+
+    monkeypatch.setattr(ray_backend, "run_tasks", lost_after_one)
+    with pytest.raises(RuntimeError, match="CPU scorers stopped: ConnectionError: lost the connection"):
+        score(_basic(cfg, tmp_path / "run", cfg.raw_dir))
+
+
+def test_score_fingerprint_holds_what_changes_the_scores_only():
+    from pipeline.config import load_config
+    from pipeline.score import shard_settings
+
+    cfg = load_config(None, ["output=/tmp/unused", "input.path=unused.parquet", "score.batch_size=7",
+                             "score.actors=3", "score.clip.device=cpu"])
+    assert shard_settings(cfg.score) == {
+        "score.scorers": ["basic", "language", "phash", "clip", "nsfw", "ocr"],
+        "score.clip.model": "ViT-B-32", "score.clip.pretrained": "laion2b_s34b_b79k", "score.clip.precision": "auto",
+        "score.ocr_max_side": 512, "score.ocr_min_confidence": 0.8}
+    cfg = load_config(None, ["output=/tmp/unused", "input.path=unused.parquet", "score.scorers=[basic]",
+                             "score.dedup.near=false", "score.dedup.semantic=false"])
+    assert shard_settings(cfg.score) == {"score.scorers": ["basic"]}  # dedup settings belong to _dedup.parquet
