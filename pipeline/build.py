@@ -15,14 +15,21 @@ the key):
   (``build.text.hidden_layer``), ``text_mask_K.npy``: its attention mask, and
   ``text_pooled_K.npy`` (dim): the pooled vector (``build.text.pooled``); an empty
   caption is embedded as '' and marked false in the json's ``text_emb``;
-- ``txt`` (the caption open_clip_train reads), ``alt.txt``, ``short.txt``,
-  ``descriptive.txt``; ``json``: size, bucket, scores and provenance.
+- ``txt`` (the caption open_clip_train reads: ``build.txt_caption``, else the short, the
+  descriptive, the alt-text; each kind is used when its text exists, whatever the caption
+  row's status), ``alt.txt``, ``short.txt``, ``descriptive.txt``; ``json``: size, bucket,
+  scores (unsigned 64-bit ones, pHash, as 16-digit hex strings) and provenance, with the kind
+  written as ``txt`` and why it fell back (``txt_fallback``: 'caption failed', 'not captioned').
 
 No member is a pickle. Output shards hold ``build.samples_per_shard`` samples at most
 and are cut earlier when the planned bytes would pass ``build.max_shard_bytes``. The
 plan (which key goes to which shard) is computed from the inputs and the config and
 stored in ``shards/_plan.parquet``; each shard is built by an encoder actor, written
-aside and committed by rename, so a killed build resumes with byte-identical shards.
+aside and committed by rename, so a killed build resumes with byte-identical shards. Each
+completion record holds the shard's fingerprint (the build settings, its planned keys, and
+digests of its source shards' selection, captions, scores and metadata): a rerun after a
+change refuses, naming it, or with ``--redo`` rebuilds only the shards it affects. Models
+are checked in the driver before any work (``encoder_infos``).
 ``shards/manifest.json`` records the encoders' fingerprints, the scaling factors and a
 checksum per shard (``pipeline.manifest``).
 """
@@ -46,7 +53,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import shards
-from pipeline.config import BuildConfig, RunConfig
+from pipeline.config import BuildConfig, ModelLoadError, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +95,26 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 
 
 def encoder_infos(b: BuildConfig) -> dict:
-    """Channels, factors and codebook sizes read from the encoders' configs (no weights)."""
-    from pipeline.encoders import autoencoder_info, text_encoder_info
+    """Channels, factors and codebook sizes read from the encoders' configs, in the driver before
+    any work: also the preflight. A model whose config or weights cannot be found (a misspelt id,
+    a bad path, not cached with HF_HUB_OFFLINE) raises ModelLoadError naming its config key."""
+    from pipeline.encoders import autoencoder_info, check_files, text_encoder_info
 
     info = {}
-    if b.vae.model:
-        info["kl"] = autoencoder_info("kl", b.vae.model, b.vae.subfolder)
-    if b.vq.model:
-        info["vq"] = autoencoder_info("vq", b.vq.model, b.vq.subfolder)
-    if b.text.model:
-        info["text"] = text_encoder_info(b.text.model, b.text.subfolder)
+    for key, kind, section in (("build.vae.model", "kl", b.vae), ("build.vq.model", "vq", b.vq),
+                               ("build.text.model", "text", b.text)):
+        if not section.model:
+            continue
+        try:
+            check_files(section.model, section.subfolder, "text" if kind == "text" else "diffusers")
+            if kind == "text":
+                check_files(section.model, section.tokenizer_subfolder or section.subfolder, "tokenizer")
+                info[kind] = text_encoder_info(section.model, section.subfolder)
+            else:
+                info[kind] = autoencoder_info(kind, section.model, section.subfolder)
+        except Exception as e:  # noqa: BLE001 - whatever stops the load, one line naming the key
+            raise ModelLoadError(key, section.model, str(e).strip().splitlines()[0] if str(e).strip()
+                                 else type(e).__name__) from e
     return info
 
 
@@ -131,10 +148,11 @@ def sample_bytes(b: BuildConfig, infos: dict, size: tuple[int, int], image_bytes
 
 
 def _member_sizes(tar_path: Path) -> dict[str, int]:
-    """Image bytes per key from the tar headers alone."""
+    """Image bytes per key from the tar headers alone (an unsafe member raises UnsafeTar here,
+    before any work)."""
     sizes: dict[str, int] = {}
     with tarfile.open(tar_path) as tar:
-        for m in tar:
+        for m in shards.safe_members(tar, tar_path):
             key, _, ext = m.name.rsplit("/", 1)[-1].partition(".")
             if ext in ("jpg", "jpeg", "png", "webp"):
                 sizes[key] = m.size
@@ -165,15 +183,42 @@ def _source_files(cfg: RunConfig, source: int) -> tuple[Path, Path]:
     return tar, meta
 
 
-def make_plan(cfg: RunConfig, infos: dict) -> tuple[pa.Table, str]:
+def source_digests(cfg: RunConfig, source: int) -> dict[str, str | None]:
+    """Digests of what one source shard gives the build: its selection, captions, scores and
+    metadata parquet files (their bytes) and the raw shard's completion record."""
+    name = shards.shard_name(source)
+    out: dict[str, str | None] = {}
+    for folder in (cfg.selection_dir, cfg.captions_dir, cfg.scores_dir, cfg.score_input):
+        path = folder / f"{name}.parquet"
+        out[f"{folder.name}/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    out[f"{cfg.score_input.name}/{name}"] = shards.record_digest(cfg.score_input, source)
+    return out
+
+
+FINGERPRINT_EXCLUDE = ("actors", "decode_threads", "output")  # speed and place, not bytes
+
+
+def shard_fingerprint(cfg: RunConfig, rows: list[dict], digests: dict[int, dict]) -> dict:
+    """What made one output shard (stored in its completion record): every build setting that
+    changes bytes, the keys and sizes planned into it, and the digests of its source shards'
+    inputs (``digests``: source -> :func:`source_digests`). An unplanned shard (``rows`` empty)
+    never matches a recorded one."""
+    plan = json.dumps([[r["key"], r["source"], r["width"], r["height"]] for r in rows]).encode()
+    upstream = {"plan": hashlib.sha256(plan).hexdigest() if rows else None}
+    for source in sorted({r["source"] for r in rows}):
+        upstream.update(digests[source])
+    return shards.fingerprint(shards.settings_of(cfg.build, "build", FINGERPRINT_EXCLUDE), upstream)
+
+
+def make_plan(cfg: RunConfig, infos: dict) -> tuple[pa.Table, dict[int, dict]]:
     """Which kept row goes to which output shard, in (source shard, key) order; a new shard
     starts at ``samples_per_shard`` samples or when the planned bytes would pass the cap.
-    Also returns a hash of the inputs each planned source contributes (selection, captions,
-    scores), so a resumed build notices when they changed."""
+    Also returns each planned source's :func:`source_digests`, so a resumed build notices
+    which shards' inputs changed."""
     b, sizes_allowed = cfg.build, target_sizes(cfg.build)
     square = nearest_bucket(1, 1, sizes_allowed)
     rows = {name: [] for name in PLAN_SCHEMA.names}
-    inputs = hashlib.sha256()
+    digests: dict[int, dict] = {}
     shard, count, nbytes = 0, 0, 0
     for source in sorted(shards.done_shards(cfg.selection_dir)):
         name = shards.shard_name(source)
@@ -182,10 +227,7 @@ def make_plan(cfg: RunConfig, infos: dict) -> tuple[pa.Table, str]:
         if not keep:
             continue
         tar, meta_path = _source_files(cfg, source)
-        for path in (cfg.selection_dir / f"{name}.parquet", cfg.captions_dir / f"{name}.parquet",
-                     cfg.scores_dir / f"{name}.parquet", meta_path):
-            inputs.update(f"{path.parent.name}/{path.name}:".encode())
-            inputs.update(hashlib.sha256(path.read_bytes()).digest() if path.exists() else b"absent")
+        digests[source] = source_digests(cfg, source)
         names = pq.read_schema(meta_path).names
         dims: dict = {}
         if "width" in names and "height" in names:
@@ -204,16 +246,7 @@ def make_plan(cfg: RunConfig, infos: dict) -> tuple[pa.Table, str]:
             for col, v in zip(PLAN_SCHEMA.names, (key, source, shard, size[0], size[1], est)):
                 rows[col].append(v)
             count, nbytes = count + 1, nbytes + est
-    return pa.table(rows, schema=PLAN_SCHEMA), inputs.hexdigest()
-
-
-def plan_digest(plan: pa.Table, b: BuildConfig, inputs: str = "") -> str:
-    """Hash of the plan, of its inputs and of every build setting that changes shard bytes."""
-    h = hashlib.sha256(json.dumps(b.model_dump(exclude={"actors", "decode_threads"}), sort_keys=True).encode())
-    h.update(inputs.encode())
-    for col in plan.columns:
-        h.update(json.dumps(col.to_pylist()).encode())
-    return h.hexdigest()
+    return pa.table(rows, schema=PLAN_SCHEMA), digests
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -234,11 +267,20 @@ def _scalar_columns(table: pa.Table) -> list[str]:
 
 
 def _rows_by_key(path: Path, columns: list[str] | None = None) -> dict[str, dict]:
+    """{key: row} of a parquet file (its scalar columns unless ``columns`` is given). Unsigned
+    64-bit values (pHash) become 16-digit lowercase hex strings: half of them pass 2**63, and
+    readers that type JSON numbers as int64 (Hugging Face datasets, pyarrow, pandas) overflow."""
     if not path.exists():
         return {}
     table = pq.read_table(path)
     keep = ["key"] + (columns if columns is not None else _scalar_columns(table))
-    return {r["key"]: r for r in table.select([c for c in keep if c in table.column_names]).to_pylist()}
+    table = table.select([c for c in keep if c in table.column_names])
+    hexed = [f.name for f in table.schema if pa.types.is_uint64(f.type)]
+    rows = {r["key"]: r for r in table.to_pylist()}
+    for r in rows.values():
+        for c in hexed:
+            r[c] = None if r[c] is None else f"{r[c]:016x}"
+    return rows
 
 
 @dataclass
@@ -289,11 +331,22 @@ class BuildShard:
         return sorted(rows, key=lambda r: order[r["key"]])
 
     def _captions(self, row: dict) -> dict[str, str]:
+        """Each caption kind's text, whatever the row's overall status: a failed descriptive
+        caption does not take a good short one with it."""
         caps = row["captions"] or {}
-        ok = caps.get("status") == "ok"
         return {"alt_text": (row["meta"].get("caption") or "").strip(),
-                "short": (caps.get("short") or "").strip() if ok else "",
-                "descriptive": (caps.get("descriptive") or "").strip() if ok else ""}
+                "short": (caps.get("short") or "").strip(),
+                "descriptive": (caps.get("descriptive") or "").strip()}
+
+    def _txt(self, row: dict, caps: dict[str, str]) -> tuple[str, str | None]:
+        """(the kind written as ``txt``, why it is not ``build.txt_caption`` or None)."""
+        want = self.cfg.build.txt_caption
+        kind = next(k for k in (want, "short", "descriptive", "alt_text") if caps[k])
+        if kind == want:
+            return kind, None
+        if want == "alt_text":
+            return kind, "alt-text empty"
+        return kind, "not captioned" if row["captions"] is None else "caption failed"
 
     def _prepare(self, row: dict):
         """(uint8 H x W x 3 array at the planned size, stored image bytes or None, None),
@@ -303,7 +356,7 @@ class BuildShard:
         if row["image"] is None:
             return None, None, "image missing from the raw tar"
         try:
-            with Image.open(io.BytesIO(row["image"])) as im:
+            with shards.open_image(row["image"]) as im:  # only the formats downloads hold
                 im = im.convert("RGB")
                 fitted = ImageOps.fit(im, (row["width"], row["height"]), method=Image.Resampling.BICUBIC)
         except Exception as e:  # a corrupt image is the row's reason, not the shard's failure
@@ -336,8 +389,11 @@ class BuildShard:
                     f"{self.cfg.shards_dir} holds shards encoded by {kind} {info['model']} (fingerprint "
                     f"{info['fingerprint'][:12]}), this build's {kind} encoder has fingerprint "
                     f"{(mine or 'none')[:12]}; remove the folder to rebuild with the new encoder")
-        table = pq.read_table(self.cfg.shards_dir / PLAN, filters=[("shard", "=", shard_id)])
-        rows = self._load_rows(table.to_pylist())
+        plan = pq.read_table(self.cfg.shards_dir / PLAN, filters=[("shard", "=", shard_id)]).to_pylist()
+        # the inputs as this actor reads them: a change after planning shows on the next run
+        fingerprint = shard_fingerprint(self.cfg, plan, {s: source_digests(self.cfg, s)
+                                                         for s in {p["source"] for p in plan}})
+        rows = self._load_rows(plan)
         timing = {"read": time.time() - start, "wait_images": 0.0, "encode": 0.0}
         failed: dict[str, str] = {}
         texts: dict[str, dict[str, str]] = {}
@@ -384,23 +440,28 @@ class BuildShard:
                     arrays[row["key"]] = {m: v[i] for m, v in outs.items()}
         t0 = time.time()
         samples, buckets = [], {}
+        used: dict[str, int] = {}  # caption kind written as txt -> samples
+        fallbacks: dict[str, int] = {}  # why not build.txt_caption -> samples
         for row in rows:
             key = row["key"]
             if key in failed:
                 continue
             caps = texts[key]
-            txt = next(caps[k] for k in (b.txt_caption, "short", "descriptive", "alt_text") if caps[k])
+            kind, fallback = self._txt(row, caps)
+            used[kind] = used.get(kind, 0) + 1
+            if fallback:
+                fallbacks[fallback] = fallbacks.get(fallback, 0) + 1
             c = row["captions"] or {}
             record = {"key": key, "url": row["meta"].get("url"), "source_shard": row["source"],
                       "size": [row["width"], row["height"]],
                       "original_size": [row["meta"].get("original_width"), row["meta"].get("original_height")],
-                      "flip": b.flip, "txt": b.txt_caption if caps[b.txt_caption] else "fallback",
+                      "flip": b.flip, "txt": kind, "txt_fallback": fallback,
                       "text_emb": {k: bool(caps[k]) for k in b.text.captions} if b.text.model else None,
                       "captions": {"status": c.get("status"), "model": c.get("model"),
                                    "prompt_descriptive": c.get("prompt_descriptive"),
                                    "prompt_short": c.get("prompt_short")} if c else None,
                       "scores": {k: _json_safe(v) for k, v in row["scores"].items() if k != "key"}}
-            members = {"txt": txt.encode(),
+            members = {"txt": caps[kind].encode(),
                        "json": json.dumps(record, sort_keys=True, default=str, allow_nan=False).encode()}
             members.update({CAPTION_MEMBERS[k]: caps[k].encode() for k in CAPTION_KINDS})
             if b.keep_image:
@@ -419,28 +480,31 @@ class BuildShard:
         stats = {"count": len(samples), "planned": len(rows), "failed": failed, "bytes": len(data),
                  "sha256": hashlib.sha256(data).hexdigest() if samples else None, "buckets": buckets,
                  "members": sorted({m for _, ms in samples for m in ms}), "encoders": self.encoders.info,
+                 "captions": {"txt": used, "fallback": fallbacks},
                  "duration": time.time() - start, "timing": {**timing, "write": time.time() - t0}}
-        shards.commit(staging, self.cfg.shards_dir, shard_id, files, stats)
+        shards.commit(staging, self.cfg.shards_dir, shard_id, files, stats, fingerprint)
         return stats
 
 
-def _write_plan(out: Path, plan: pa.Table, digest: str) -> None:
-    """Store the plan; refuse to mix shards of another plan (changed inputs or config)."""
-    record = out / "_plan.json"
-    try:
-        old = json.loads(record.read_text()) if record.exists() else None
-    except json.JSONDecodeError:
-        old = {"digest": "unreadable"}
-    if old:
-        if old["digest"] != digest and shards.done_shards(out):
-            raise BuildError(f"{out} holds shards built from other inputs or build settings "
-                             f"(plan {old['digest'][:12]}, now {digest[:12]}); remove it to rebuild")
-    table_tmp = out / f"{PLAN}.tmp"
-    pq.write_table(plan, table_tmp)
-    table_tmp.replace(out / PLAN)
-    tmp = out / "_plan.json.tmp"
-    tmp.write_text(json.dumps({"digest": digest, "shards": _planned(plan), "samples": plan.num_rows}))
-    tmp.replace(record)
+def _write_plan(out: Path, plan: pa.Table) -> None:
+    """Store the plan the actors read (``_plan.parquet``) and its totals (``_plan.json``)."""
+    shards.atomic_write_parquet(out / PLAN, plan)
+    shards.atomic_write(out / "_plan.json", json.dumps({"shards": _planned(plan), "samples": plan.num_rows}))
+
+
+def _check_done(cfg: RunConfig, plan: pa.Table, digests: dict[int, dict]) -> set[int]:
+    """Committed shards whose fingerprint is not what this run would make (a changed setting,
+    selection, caption, score or download): refused naming the change (StageChanged), or with
+    ``--redo`` removed, with their tars, to be built again; the others are kept as they are."""
+    by_shard: dict[int, list[dict]] = {}
+    for row in plan.to_pylist():
+        by_shard.setdefault(row["shard"], []).append(row)
+    out = cfg.shards_dir
+    stale = shards.stale_shards(out, lambda sid: shard_fingerprint(cfg, by_shard.get(sid, []), digests),
+                                redo=cfg.redo, stage="build")
+    for sid in stale:  # a redone shard whose rows all fail writes no tar: the old one must not stay
+        (out / f"{shards.shard_name(sid)}.tar").unlink(missing_ok=True)
+    return stale
 
 
 def _planned(plan: pa.Table) -> int:
@@ -453,15 +517,18 @@ def build(cfg: RunConfig) -> dict:
     from pipeline.report import build_funnel
 
     ray_backend.quiet_env()
+    infos = encoder_infos(cfg.build)  # the preflight: a model that cannot load stops here, before any work
+    check_sizes(cfg.build, infos)
     if not shards.done_shards(cfg.selection_dir):
         raise FileNotFoundError(f"no selection in {cfg.selection_dir}; run `tapir select` first")
     out = cfg.shards_dir
     out.mkdir(parents=True, exist_ok=True)
     shards.clear_staging(out)
-    infos = encoder_infos(cfg.build)
-    check_sizes(cfg.build, infos)
-    plan, inputs = make_plan(cfg, infos)
-    _write_plan(out, plan, plan_digest(plan, cfg.build, inputs))
+    plan, digests = make_plan(cfg, infos)
+    redone = _check_done(cfg, plan, digests)
+    if redone:
+        log.info("redoing %d shard(s) whose settings or inputs changed (--redo)", len(redone))
+    _write_plan(out, plan)
     todo = sorted(set(range(_planned(plan))) - shards.done_shards(out))
     done = sorted(shards.done_shards(out))
     expect = shards.read_stats(out, done[0])["encoders"] if done else None
@@ -479,6 +546,7 @@ def build(cfg: RunConfig) -> dict:
                 num_cpus=cfg.resources.cpus_per_actor, num_gpus=gpus, weight=lambda s: int(counts[s]), unit="img"):
             if isinstance(result, Exception):
                 failures[sid] = result
+                shards.record_failure(out, sid, "build", f"{type(result).__name__}: {result}")
                 log.error("building shard %s failed: %s (rerun to retry it)", sid, result)
     manifest.write(out, cfg.build, _planned(plan))
     shards.clear_staging(out)

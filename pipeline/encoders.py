@@ -61,6 +61,57 @@ def _kwargs(subfolder: str | None) -> dict:
     return {"subfolder": subfolder} if subfolder else {}
 
 
+# files a loader needs, by kind: one name of each group (index files: weights in shards)
+MODEL_FILES = {
+    "diffusers": {"config": ("config.json",),
+                  "weights": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                              "diffusion_pytorch_model.safetensors.index.json",
+                              "diffusion_pytorch_model.bin.index.json")},
+    "text": {"config": ("config.json",),
+             "weights": ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                         "pytorch_model.bin.index.json")},
+    "tokenizer": {"tokenizer": ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json",
+                                "vocab.txt")},
+}
+
+
+def check_files(model: str, subfolder: str | None, kind: str) -> None:
+    """Raise ValueError with the reason unless the files a ``kind`` loader needs (MODEL_FILES) are
+    there: in a local folder, in the Hugging Face cache when HF_HUB_OFFLINE is set, else in the
+    hub repo's file list. Cheap (no weights read or downloaded): the driver's preflight."""
+    groups = MODEL_FILES[kind]
+    where = f"{model}/{subfolder}" if subfolder else model
+    local = Path(model).expanduser()
+    if local.is_dir():
+        folder = local / subfolder if subfolder else local
+        names = {p.name for p in folder.iterdir()} if folder.is_dir() else None
+        if names is None:
+            raise ValueError(f"no folder {folder}")
+    elif model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise ValueError(f"no such folder {model}")  # not a hub id (namespace/name) either
+    else:
+        from huggingface_hub import constants, list_repo_files, try_to_load_from_cache
+
+        prefix = f"{subfolder}/" if subfolder else ""
+        if constants.HF_HUB_OFFLINE:
+            names = {n for group in groups.values() for n in group
+                     if isinstance(try_to_load_from_cache(model, prefix + n), str)}
+            if not names:
+                raise ValueError(f"no folder {model} here, and not in the local Hugging Face cache while "
+                                 "HF_HUB_OFFLINE is set (download it where there is a network, or point the "
+                                 "key at a local folder)")
+        else:
+            try:
+                files = list_repo_files(model)
+            except Exception as e:  # noqa: BLE001 - not found, gated, no network: the reason is the message
+                raise ValueError(f"not found on the Hugging Face hub ({type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+            names = {f[len(prefix):] for f in files if f.startswith(prefix)}
+    for group, wanted in groups.items():
+        if not names & set(wanted):
+            raise ValueError(f"no {group} file ({' or '.join(wanted[:2])}) in {where}")
+
+
 def autoencoder_info(kind: str, model: str, subfolder: str | None = None) -> dict:
     """What the planner needs from an encoder's config alone (no weights loaded):
     channels and downsampling factor (kl), codebook size and factor (vq)."""

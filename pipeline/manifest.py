@@ -4,8 +4,9 @@
 The manifest records the encoders (id, subfolder, class, config and weights hashes, a
 fingerprint, scaling and shift factors, latent channels, downsampling factor, stored
 dtype), the image settings (resolution or buckets, flip), the members every sample has,
-sample and byte counts, and one entry per shard with its sample count, size and sha256.
-Trainers call :func:`check_encoder` and refuse shards whose fingerprint is not their
+sample and byte counts, the caption kinds written as ``txt`` and why a sample fell back from
+``build.txt_caption`` (``captions.used``), how the json member stores unsigned 64-bit values
+(``json.uint64``), and one entry per shard with its sample count, size and sha256. Trainers call :func:`check_encoder` and refuse shards whose fingerprint is not their
 autoencoder's.
 """
 
@@ -25,6 +26,9 @@ from pipeline import shards
 
 FORMAT = "tapir-shards/1"
 NAME = "manifest.json"
+# how the json member stores unsigned 64-bit values (scores.phash, scores.phash_mirror): as JSON
+# numbers half of them pass 2**63, and readers that type them int64 (Hugging Face datasets) overflow
+JSON_UINT64 = "16-digit lowercase hex string: int(value, 16)"
 
 
 class FingerprintMismatch(ValueError):
@@ -64,6 +68,11 @@ def write(folder: Path, build, planned: int) -> dict:
         for reason in s["failed"].values():
             r = reason.split(":")[0]
             failed[r] = failed.get(r, 0) + 1
+    used: dict[str, dict[str, int]] = {"txt": {}, "fallback": {}}  # caption kinds written as txt, and why not
+    for s in stats.values():  # the configured kind (build.txt_caption)
+        for part, counts in s.get("captions", {}).items():
+            for k, n in counts.items():
+                used[part][k] = used[part].get(k, 0) + n
     members = sorted({m for s in stats.values() for m in s["members"]})
     combined = hashlib.sha256(json.dumps({k: v["fingerprint"] for k, v in sorted(encoders.items())},
                                          sort_keys=True).encode()).hexdigest()
@@ -74,17 +83,16 @@ def write(folder: Path, build, planned: int) -> dict:
         "image": {"resolution": build.resolution, "crop": build.crop,
                   "buckets": [list(b) for b in target_sizes(build)], "flip": build.flip,
                   "keep_image": build.keep_image, "format": build.image_format if build.keep_image else None},
-        "captions": {"txt": build.txt_caption,
+        "captions": {"txt": build.txt_caption, "used": used,
                      "text_embedding": list(build.text.captions) if build.text.model else None},
+        "json": {"uint64": JSON_UINT64},
         "members": members, "samples": sum(s["count"] for s in stats.values()),
         "bytes": sum(s["bytes"] for s in stats.values()), "failed": failed, "buckets": buckets,
         "planned_shards": planned, "complete": len(done) == planned,
         "shards": [{"name": f"{shards.shard_name(sid)}.tar", "samples": s["count"], "bytes": s["bytes"],
                     "sha256": s["sha256"]} for sid, s in stats.items() if s["count"]],
     }
-    tmp = folder / f"{NAME}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(folder / NAME)
+    shards.atomic_write(folder / NAME, json.dumps(data, indent=2, sort_keys=True))
     return data
 
 
@@ -160,8 +168,6 @@ def _expected_shape(member: str, size: list[int], data: dict) -> tuple[tuple, st
 
 
 def _check_sample(key: str, members: dict[str, bytes], data: dict) -> list[str]:
-    from PIL import Image
-
     faults = []
     want = expected_members(data)
     if set(members) != want:
@@ -192,7 +198,7 @@ def _check_sample(key: str, members: dict[str, bytes], data: dict) -> list[str]:
                     faults.append(f"sample {key}: {member} holds code {int(arr.max())}, the codebook has "
                                   f"{data['encoders']['vq']['codebook_size']}")
             elif member in ("jpg", "png", "webp"):
-                with Image.open(io.BytesIO(raw)) as im:
+                with shards.open_image(raw) as im:  # only the formats shards hold
                     im.load()
                     if list(im.size) != list(size):
                         faults.append(f"sample {key}: image is {im.size[0]}x{im.size[1]}, record says "
@@ -204,47 +210,69 @@ def _check_sample(key: str, members: dict[str, bytes], data: dict) -> list[str]:
     return faults
 
 
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def verify_shard(path: Path, entry: dict, data: dict, seen: dict[str, str] | None = None) -> list[str]:
-    """Faults of one tar: size, checksum, tar structure, member names, counts, array shapes."""
+    """Faults of one tar: size, checksum, tar structure, member names, counts, array shapes.
+
+    The tar may come from anywhere: members are checked before a byte of them is read
+    (:func:`pipeline.shards.safe_members`: no sparse member, link or device, none larger than
+    the file itself), and samples are checked one at a time, so memory stays one sample."""
     name, faults = path.name, []
     if not path.exists():
         return [f"{name}: missing"]
-    raw = path.read_bytes()
-    if len(raw) != entry["bytes"]:
-        faults.append(f"{name}: {len(raw)} bytes, manifest says {entry['bytes']}")
-    digest = hashlib.sha256(raw).hexdigest()
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        faults.append(f"{name}: {size} bytes, manifest says {entry['bytes']}")
+    digest = _sha256_file(path)
     if digest != entry["sha256"]:
         faults.append(f"{name}: sha256 {digest[:12]}..., manifest says {entry['sha256'][:12]}...")
-    samples: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    faults.append(f"{name}: {m.name} is not a regular file")
-                    continue
-                key, _, ext = m.name.partition(".")
-                if "/" in m.name or not ext:
-                    faults.append(f"{name}: bad member name {m.name!r}")
-                    continue
-                if key not in samples:
-                    order.append(key)
-                elif ext in samples[key]:
-                    faults.append(f"{name}: member {m.name} appears twice")
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-            end = tar.offset  # a complete tar ends with two zero blocks after its last member
-            if raw[end:end + 1024] != bytes(1024):
-                faults.append(f"{name}: truncated, the tar ends at byte {len(raw)} without its end-of-archive blocks")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        faults.append(f"{name}: unreadable tar ({type(e).__name__}: {e}); truncated or corrupt")
-    if len(order) != entry["samples"]:
-        faults.append(f"{name}: {len(order)} samples, manifest says {entry['samples']}")
-    for key in order:
-        faults += [f"{name}: {f}" for f in _check_sample(key, samples[key], data)]
+    done: set[str] = set()
+    key, members = None, {}
+
+    def finish():  # the sample just read is complete: check it, keep only its key
+        if key is None:
+            return
+        faults.extend(f"{name}: {f}" for f in _check_sample(key, members, data))
+        done.add(key)
         if seen is not None:
             if key in seen:
                 faults.append(f"{name}: sample {key} also in {seen[key]}")
             seen.setdefault(key, name)
+
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            # no member of a shard can be larger than the shard itself
+            for m in shards.safe_members(tar, name, max_bytes=min(shards.MAX_MEMBER_BYTES, size)):
+                k, _, ext = m.name.partition(".")
+                if "/" in m.name or not ext:
+                    faults.append(f"{name}: bad member name {m.name!r}")
+                    continue
+                if k != key:
+                    finish()
+                    if k in done:
+                        faults.append(f"{name}: members of sample {k} are not together (readers split it)")
+                    key, members = k, {}
+                if ext in members:
+                    faults.append(f"{name}: member {m.name} appears twice")
+                members[ext] = tar.extractfile(m).read()
+                tar.members = []  # tarfile keeps every header otherwise
+            finish()
+            f.seek(tar.offset)  # a complete tar ends with two zero blocks after its last member
+            if f.read(1024) != bytes(1024):
+                faults.append(f"{name}: truncated, the tar ends at byte {size} without its end-of-archive blocks")
+    except shards.UnsafeTar as e:  # names the member; the rest of this tar is not read
+        return faults + [str(e)]
+    except (tarfile.TarError, EOFError, OSError) as e:
+        faults.append(f"{name}: unreadable tar ({type(e).__name__}: {e}); truncated or corrupt")
+    if len(done) != entry["samples"]:
+        faults.append(f"{name}: {len(done)} samples, manifest says {entry['samples']}")
     return faults
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import html
-import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import shards
+
+log = logging.getLogger(__name__)
 
 HISTOGRAMS = [("clip_score", "CLIP score"), ("min_side", "shorter side (px)"),
               ("caption_chars", "caption length (chars)"), ("nsfw_score", "NSFW score"),
@@ -69,18 +71,22 @@ def histograms(table: pa.Table, out: Path) -> list[Path]:
 
 def _image(raw: Path, key: str, cache: dict):
     """The stored image of ``key`` (img2dataset keys start with the shard number)."""
-    from PIL import Image
 
     sid = int(key[: shards.SHARD_DIGITS])
     if sid not in cache:
         tar = raw / f"{shards.shard_name(sid)}.tar"
-        cache[sid] = shards.read_tar(tar) if tar.exists() else {}
+        try:
+            cache[sid] = shards.read_tar(tar) if tar.exists() else {}
+        except shards.UnsafeTar as e:  # a tampered raw tar: the grid shows blanks
+            log.warning("%s", e)
+            cache[sid] = {}
     member = cache[sid].get(key, {})
     data = next((member[e] for e in ("jpg", "jpeg", "png", "webp") if e in member), None)
     if data is None:
         return None
     try:
-        return Image.open(io.BytesIO(data)).convert("RGB")
+        with shards.open_image(data) as im:  # only the formats downloads hold
+            return im.convert("RGB")
     except Exception:  # a corrupt image has its reason in the table; the grid shows a blank
         return None
 

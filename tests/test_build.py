@@ -4,11 +4,11 @@
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from conftest import tapir_cmd
 from PIL import Image, ImageOps
 
 from pipeline import shards
-from pipeline.build import CAPTION_MEMBERS, BuildError, build, make_buckets, nearest_bucket, plan_digest
+from pipeline.build import CAPTION_MEMBERS, BuildError, build, make_buckets, nearest_bucket
 from pipeline.config import ConfigError, load_config
 from pipeline.encoders import (load_text_encoder, save_tiny_clip_text_encoder, save_tiny_kl, save_tiny_text_encoder,
                                save_tiny_vq)
@@ -40,10 +40,20 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def curated(tmp_path_factory):
-    root = tmp_path_factory.mktemp("curated") / "run"
-    fates = write_curated_run(root, N_ROWS, per_shard=10)
-    return root, fates
+def curated(tmp_path_factory, local_ray):
+    """A run folder as the stages before build leave it, scored by the real score stage with
+    every scorer on (pHash among them: unsigned 64-bit values, half above 2**63)."""
+    from filters.clip import save_local_clip
+    from pipeline.score import score
+
+    root = tmp_path_factory.mktemp("curated")
+    fates = write_curated_run(root / "run", N_ROWS, per_shard=10)
+    shutil.rmtree(root / "run" / "scores")  # the synthetic scores: replaced by real ones
+    clip = save_local_clip(root / "tiny-clip")
+    cfg = _config(root / "run", f"score.clip.model={clip}", "score.clip.pretrained=null", "score.batch_size=8")
+    assert set(cfg.score.scorers) == {"basic", "language", "phash", "clip", "nsfw", "ocr"}  # every scorer
+    score(cfg)
+    return root / "run", fates
 
 
 def _config(run: Path, *sets):
@@ -103,8 +113,12 @@ def test_build_writes_every_kept_row_or_its_reason(built, curated):
         ["descriptive", "alt_text"], -1, True, "mean")  # T5 has no pooler
     assert not any(name.split(".")[-1] in {"pyd", "pickle", "pkl", "pth", "pt"} for s in samples.values() for name in s)
     record = json.loads(samples[sorted(good)[0]]["json"])
-    assert record["size"] == [64, 64] and record["scores"]["clip_score"] > 0
+    assert record["size"] == [64, 64] and isinstance(record["scores"]["clip_score"], float)
     assert record["captions"]["model"] == "synthetic-truth"
+    hashes = [json.loads(s["json"])["scores"][k] for s in samples.values() for k in ("phash", "phash_mirror")]
+    assert all(re.fullmatch("[0-9a-f]{16}", h) for h in hashes), hashes  # uint64 as hex, documented:
+    assert manifest["json"]["uint64"].startswith("16-digit lowercase hex")
+    assert max(int(h, 16) for h in hashes) >= 2**63  # the values a JSON int64 cannot hold
 
 
 def test_stored_latents_and_tokens_match_direct_encoding(built, models):
@@ -232,8 +246,10 @@ def test_resuming_with_other_weights_at_the_same_path_is_refused(curated, models
     assert set(funnel["failed_shards"]) == {"1", "2", "3"}
     assert "fingerprint" in funnel["failed_shards"]["1"]
     assert shards.done_shards(cfg.shards_dir) == {0}  # nothing mixed in
+    failed = shards.failed_shards(cfg.shards_dir)  # recorded on disk, with the reason
+    assert set(failed) == {1, 2, 3} and "FingerprintMismatch" in failed[1]
     other = _config(run, f"build.vae.model={models['kl_other']}", "build.keep_image=false")
-    with pytest.raises(BuildError, match="other inputs or build settings"):
+    with pytest.raises(shards.StageChanged, match=f"build.vae.model was '{path}', now '{models['kl_other']}'"):
         build(other)
 
 
@@ -266,7 +282,7 @@ def test_verify_finds_damage(built, tmp_path, how, expected):
     _tamper(folder, how)
     proc = subprocess.run(tapir_cmd("verify", folder), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    faults = [l for l in proc.stdout.splitlines() if l.startswith("FAULT")]
+    faults = [line for line in proc.stdout.splitlines() if line.startswith("FAULT")]
     assert faults and all("00001.tar" in f for f in faults), proc.stdout
     assert any(expected in f for f in faults), proc.stdout
 
@@ -356,7 +372,9 @@ def test_shards_are_cut_by_bytes_and_captions_are_optional(curated, tmp_path, lo
         "decode error": 1, "image missing from the raw tar": 1, "no caption (alt-text empty, no synthetic caption)": 1}
     for s in _samples(cfg.shards_dir).values():
         assert s["txt"] == s["alt.txt"] != b"" and s["short.txt"] == s["descriptive.txt"] == b""
-        assert json.loads(s["json"])["txt"] == "fallback"
+        record = json.loads(s["json"])
+        assert (record["txt"], record["txt_fallback"]) == ("alt_text", "not captioned")
+    assert funnel["captions"] == {"txt": {"alt_text": 17}, "fallback": {"not captioned": 17}}
     manifest = json.loads((cfg.shards_dir / "manifest.json").read_text())
     assert len(manifest["shards"]) >= 5
     # a plan from the raw image sizes, not a promise: the re-encoded image can differ a little
@@ -374,15 +392,16 @@ def test_kill_then_resume_gives_identical_shards(curated, models, built, tmp_pat
         "build": {"resolution": 64, "samples_per_shard": 6, "batch_size": 4, "latent_dtype": "float32",
                   "vae": {"model": models["kl"]}, "vq": {"model": models["vq"]}, "text": {"model": models["text"]}},
     }))
+    # killed (driver and Ray workers, SIGKILL) right after the second shard commits
     proc = subprocess.Popen(tapir_cmd("build", cfg_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "TAPIR_KILL_AFTER_COMMITS": "2"})
+    try:
+        assert proc.wait(timeout=240) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     out = run / "shards"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (out.exists() and shards.done_shards(out)):
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 1 <= len(shards.done_shards(out)) < 4, shards.done_shards(out)
+    assert 2 <= len(shards.done_shards(out)) < 4, shards.done_shards(out)  # another actor may commit meanwhile
     resumed = subprocess.run(tapir_cmd("build", cfg_file), capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref = built[0].shards_dir
@@ -405,6 +424,7 @@ def test_plain_webdataset_reads_the_shards(built):
 
 
 def test_hugging_face_datasets_reads_the_shards(built, tmp_path):
+    """From a run with every scorer on: pHash values past 2**63 once made load_dataset overflow."""
     from datasets import load_dataset
 
     cfg, _ = built
@@ -413,6 +433,8 @@ def test_hugging_face_datasets_reads_the_shards(built, tmp_path):
     assert len(ds) == 17
     row = ds[0]
     assert row["jpg"].size == (64, 64) and row["txt"]
+    assert {"phash", "phash_mirror", "clip_score", "nsfw_score", "text_area"} <= set(row["json"]["scores"])
+    assert max(int(r["scores"]["phash"], 16) for r in ds["json"]) >= 2**63
     assert np.asarray(row["latent_mean.npy"]).shape == (4, 16, 16)
     assert np.asarray(row["tokens.npy"]).shape == (16, 16)
 
@@ -451,18 +473,43 @@ def test_bad_inputs_and_sizes_fail_before_encoding(curated, models, tmp_path):
         build(_config(run))
 
 
-def test_changed_inputs_are_refused_on_resume(curated, tmp_path, local_ray):
+def _change_source_2(run: Path, what: str) -> None:
+    if what == "selection":  # reselected since: one kept row of source shard 2 is dropped now
+        path = run / "selection" / "00002.parquet"
+        rows = pq.read_table(path).to_pylist()
+        first = next(r for r in rows if r["keep"])
+        first.update(keep=False, reason="clip_score >= 0.3")
+        pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+    else:  # recaptioned since
+        path = run / "captions" / "00002.parquet"
+        table = pq.read_table(path)
+        pq.write_table(table.set_column(table.schema.get_field_index("short"), "short",
+                                        pa.array(["a new caption"] * table.num_rows)), path)
+
+
+@pytest.mark.parametrize("what", ["selection", "captions"])
+def test_changed_inputs_are_refused_or_redone_shard_by_shard(curated, tmp_path, local_ray, what):
+    """Shards 2 and 3 hold rows of source shard 2, shards 0 and 1 do not: a changed selection or
+    caption there is refused, naming it; with --redo only shards 2 and 3 are built again, and the
+    folder ends as a fresh build of the new inputs would."""
     run = _copy_run(curated, tmp_path / "run")
     cfg = _config(run)
     build(cfg)
-    for sid in (1, 2, 3):
-        shards.stats_path(cfg.shards_dir, sid).unlink()
-    captions = run / "captions" / "00002.parquet"  # recaptioned since: the plan's inputs changed
-    table = pq.read_table(captions)
-    pq.write_table(table.set_column(table.schema.get_field_index("short"), "short",
-                                    pa.array(["a new caption"] * table.num_rows)), captions)
-    with pytest.raises(BuildError, match="other inputs or build settings"):
+    before = {sid: shards.record_digest(cfg.shards_dir, sid) for sid in range(4)}
+    _change_source_2(run, what)
+    with pytest.raises(shards.StageChanged, match=f"build: .* 2 shards \\(00002..00003\\) made differently: .*its "
+                                                  f"input {what}/00002.parquet changed since"):
         build(cfg)
+    assert {sid: shards.record_digest(cfg.shards_dir, sid) for sid in range(4)} == before  # nothing touched
+    funnel = build(_config(run, "redo=true"))
+    after = {sid: shards.record_digest(cfg.shards_dir, sid) for sid in range(4)}
+    assert [after[s] == before[s] for s in range(4)] == [True, True, False, False]  # 0 and 1 kept as they were
+    fresh = _config(run, f"build.output={tmp_path / 'fresh'}")
+    assert funnel["written"] == build(fresh)["written"] == (16 if what == "selection" else 17)
+    for sid in range(4):
+        name = f"{sid:05d}.tar"
+        assert (cfg.shards_dir / name).read_bytes() == (fresh.shards_dir / name).read_bytes(), name
+    assert verify(cfg.shards_dir, progress=False)[0] == []
 
 
 def test_a_shard_whose_rows_all_fail_leaves_no_tar(curated, tmp_path, local_ray):
@@ -496,8 +543,84 @@ def test_build_config_is_checked_before_work(tmp_path):
         _config(tmp_path, "build.text.captions=[title]")
 
 
-def test_text_settings_change_the_plan_digest(tmp_path):
-    plan = pa.table({"key": ["a"], "shard": [0]})
-    digests = {plan_digest(plan, _config(tmp_path, *sets).build) for sets in (
-        [], ["build.text.captions=[descriptive]"], ["build.text.hidden_layer=-2"], ["build.text.pooled=false"])}
-    assert len(digests) == 4
+def test_text_settings_change_the_fingerprint_and_speed_settings_do_not(tmp_path):
+    from pipeline.build import shard_fingerprint
+
+    rows = [{"key": "a", "source": 0, "width": 64, "height": 64}]
+    hashes = [shard_fingerprint(_config(tmp_path, *sets), rows, {0: {}})["hash"] for sets in (
+        [], ["build.text.captions=[descriptive]"], ["build.text.hidden_layer=-2"], ["build.text.pooled=false"],
+        ["build.actors=3", "build.decode_threads=5", f"build.output={tmp_path / 'elsewhere'}"])]
+    assert len(set(hashes[:4])) == 4 and hashes[4] == hashes[0]
+
+
+def test_each_caption_kind_stands_on_its_own_and_fallbacks_are_counted(curated, tmp_path, local_ray):
+    """A row whose descriptive caption failed keeps its good short one (status 'partial'), and
+    the other way round; per shard, in the funnel and in the manifest, the kind written as txt
+    (build.txt_caption is 'short') and why a sample fell back from it."""
+    run = _copy_run(curated, tmp_path / "run")
+    path = run / "captions" / "00001.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    partial, short_failed, both_failed, uncaptioned = [r for r in rows if r["status"] == "ok"][:4]
+    partial.update(status="partial", descriptive=None, reason="descriptive: empty after 3 attempts")
+    short_failed.update(status="partial", short=None, reason="short: empty after 3 attempts")
+    both_failed.update(status="failed", short=None, descriptive=None, reason="descriptive: timeout; short: timeout")
+    rows.remove(uncaptioned)  # e.g. newly kept since recaption ran
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    cfg = _config(run)
+    funnel = build(cfg)
+    samples = _samples(cfg.shards_dir)
+
+    def fate(row):
+        s = samples[row["key"]]
+        record = json.loads(s["json"])
+        return s["txt"].decode(), s["short.txt"].decode(), s["descriptive.txt"].decode(), record["txt"], \
+            record["txt_fallback"]
+
+    assert fate(partial) == (partial["short"], partial["short"], "", "short", None)
+    assert fate(short_failed) == (short_failed["descriptive"], "", short_failed["descriptive"], "descriptive",
+                                  "caption failed")
+    alt = {r["key"]: r["caption"] for r in pq.read_table(run / "raw" / "00001.parquet").to_pylist()}
+    assert fate(both_failed) == (alt[both_failed["key"]], "", "", "alt_text", "caption failed")
+    assert fate(uncaptioned) == (alt[uncaptioned["key"]], "", "", "alt_text", "not captioned")
+    counts = {"txt": {"short": 14, "descriptive": 1, "alt_text": 2}, "fallback": {"caption failed": 2,
+                                                                                 "not captioned": 1}}
+    assert funnel["captions"] == counts
+    assert json.loads((cfg.shards_dir / "manifest.json").read_text())["captions"]["used"] == counts
+    per_shard = [shards.read_stats(cfg.shards_dir, sid)["captions"] for sid in sorted(shards.done_shards(
+        cfg.shards_dir))]
+    assert sum(sum(c["txt"].values()) for c in per_shard) == funnel["written"] == 17
+
+
+def _cli_build(tmp_path: Path, run: Path, build_section: dict):
+    cfg_file = tmp_path / "build.yaml"
+    cfg_file.write_text(json.dumps({"output": str(run), "input": {"path": "unused"}, "resources": {"num_cpus": 2},
+                                    "build": {"resolution": 64, **build_section}}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # an empty cache
+    return subprocess.run(tapir_cmd("build", cfg_file), capture_output=True, text=True, timeout=240, env=env)
+
+
+@pytest.mark.parametrize("key,problem", [("vae", "misspelt path"), ("vq", "no weights"),
+                                         ("text", "not cached"), ("text", "no tokenizer")])
+def test_a_model_that_cannot_load_stops_build_before_any_work(curated, models, tmp_path, key, problem):
+    run = _copy_run(curated, tmp_path / "run")
+    section = {"vae": {"model": models["kl"]}, "vq": {"model": models["vq"]}, "text": {"model": models["text"]}}
+    if problem == "misspelt path":
+        bad, reason = models["kl"] + "-typo", f"no such folder {models['kl']}-typo"
+    elif problem == "no weights":
+        bad = str(tmp_path / "vq")
+        shutil.copytree(models["vq"], bad, ignore=shutil.ignore_patterns("*.safetensors"))
+        reason = f"no weights file (diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin) in {bad}"
+    elif problem == "not cached":
+        bad, reason = "tapir-tests/no-such-t5", "not in the local Hugging Face cache while HF_HUB_OFFLINE is set"
+    else:
+        bad = str(tmp_path / "t5")
+        shutil.copytree(models["text"], bad, ignore=shutil.ignore_patterns("tokenizer*", "spiece*", "vocab*"))
+        reason = f"no tokenizer file (tokenizer.json or tokenizer_config.json) in {bad}"
+    section[key] = {"model": bad}
+    proc = _cli_build(tmp_path, run, section)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"tapir: cannot load {bad} (build.{key}.model): ") and reason in lines[0], lines[0]
+    assert not (run / "shards").exists()  # before any work

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import logging
+import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import shards
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +120,7 @@ def payload_members(manifest: dict, folder, payload: str) -> list[str]:
 
 def decode_image(raw: bytes, flip: bool = False) -> torch.Tensor:
     """(3, H, W) float in [-1, 1] of an image member (the formats the build stage writes)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(raw), formats=["JPEG", "PNG", "WEBP"]) as im:
+    with shards.open_image(raw) as im:
         arr = np.asarray(im.convert("RGB"))
     if flip:
         arr = arr[:, ::-1]
@@ -184,14 +185,11 @@ class ShardStream(IterableDataset):
     # -- reading ---------------------------------------------------------------------------
     def _read(self, shard: int, start: int, stop: int | None, faults: list[str]) -> Iterator[dict]:
         """Raw samples [start, stop) of one shard; a read error or an early end is a fault."""
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
-
         name, n = self.names[shard], 0
         want = self.counts[shard] if stop is None else stop
         try:
             with open(self.folder / name, "rb") as f:
-                members = tar_file_iterator(f, select_files=lambda n: n.rpartition("/")[2].partition(".")[2] in self.wanted)
-                for sample in group_by_keys({**m, "__url__": name} for m in members):
+                for sample in tar_samples(f, name, lambda m: m.rpartition("/")[2].partition(".")[2] in self.wanted):
                     if n >= want:
                         return
                     if n >= start:
@@ -327,9 +325,23 @@ def read_samples(folder: Path, entries: list[dict], n: int, member: str) -> list
     return out
 
 
-def _read_tar(path: Path):
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+def tar_samples(f, name: str, select=None) -> Iterator[dict]:
+    """webdataset samples ({'__key__', ext: bytes}) of an open tar stream, reading only members
+    whose name ``select`` accepts. A sparse, oversized, link or device member raises UnsafeTar
+    before a byte of it is read (webdataset's own iterator would expand a sparse member)."""
+    from webdataset.tariterators import group_by_keys
 
+    def members():
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            for m in shards.safe_members(tar, name):
+                if select is None or select(m.name):
+                    yield {"fname": m.name, "data": tar.extractfile(m).read(), "__url__": name}
+                tar.members = []  # a stream keeps every header otherwise
+
+    yield from group_by_keys(members())
+
+
+def _read_tar(path: Path):
     with open(path, "rb") as f:
-        for sample in group_by_keys({**m, "__url__": str(path)} for m in tar_file_iterator(f)):
+        for sample in tar_samples(f, str(path)):
             yield sample["__key__"], sample
