@@ -1,31 +1,37 @@
-"""Build throughput: the bare autoencoder forward versus `tapir build` end to end.
+"""Build throughput: the build stage's encoder worker against the bare autoencoder, like for like.
 
-On the same run folder (rendered scenes at the training resolution, all rows kept and
-captioned), in one run:
-  (a) the bare diffusers AutoencoderKL forward on pre-decoded uint8 batches: upload,
-      normalise, ``encode().latent_dist``, mean and std back to the host (the ceiling);
-  (b) `tapir build` end to end: Ray start, actors loading the model, the plan, tar
-      reading, JPEG decode, resize and crop, encoding, npy and tar writing, checksums,
-      atomic commits, the manifest. ``--inprocess`` runs the stage without Ray (for a
-      machine that has no Ray installed, such as the GPU box).
-Prints images/s and the ratio b/a (goal: at least 0.85). Random weights of a real
+On the same run folder (rendered scenes, all rows kept and captioned), two arms with the
+same process and thread layout, batch and images:
+  bare:  the diffusers AutoencoderKL forward on pre-decoded, pre-cropped uint8 batches:
+         upload, normalise, ``encode().latent_dist``, mean and std back to the host (the ceiling);
+  stage: ``pipeline.build.BuildShard``, the class `tapir build`'s Ray actors run, called on
+         every planned shard of its share: raw tar reading, the join with selection, captions
+         and scores, JPEG decode, resize and crop on its decode threads, the encoder, the
+         stored image's JPEG encode, npy and tar writing, checksums, fingerprint and the
+         atomic commit. No Ray: the class runs directly in a process of its own.
+Each run of an arm is fresh processes (``--procs`` x ``--threads``, see bench/_common.py);
+model loading, planning and one warm-up batch are not timed in either arm. Prints each arm's
+median images/s and spread over ``--repeats`` alternating runs, the median of the per-repeat
+ratios stage / bare (goal >= 0.85), and where the stage's time went. Random weights of a real
 architecture (``--arch sd``: the SD VAE, stabilityai/sd-vae-ft-mse's config) are fine for
-speed. bf16 on GPU, fp32 on CPU, as `tapir build` does. Not a test.
+speed. bf16 on GPU, fp32 on CPU, in both arms, as `tapir build` does. Not a test.
 
-    python bench/build.py --arch sd --resolution 128 --images 384
-    python bench/build.py --arch sd --resolution 512 --images 1024 --inprocess --device cuda
+    python bench/build.py --arch sd --resolution 64 --images 128 --per-shard 32 --batch 16 --procs 2 --threads 1
+    python bench/build.py --arch sd --resolution 256 --images 4096 --per-shard 512 --batch 64 --device cuda --threads 8
+
+``build_inprocess`` (the stage without Ray: plan, one worker, manifest) is also what the
+trainer benchmarks build their shards with on a machine without Ray.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
+import os
 import shutil
-import time
+import statistics
 from pathlib import Path
 
-from _common import guarded_workdir, violations  # bench/ is sys.path[0] for a script
+from _common import add_layout_args, compare, guarded_workdir, layout_env, share, summarize, violations
 
 SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -45,126 +51,153 @@ def save_vae(folder: Path, arch: str) -> str:
     return str(folder)
 
 
-def bench_bare(run: Path, vae_path: str, resolution: int, batch: int, device: str) -> float:
-    import numpy as np
-    import torch
-    from diffusers import AutoencoderKL
-    from PIL import Image, ImageOps
+def write_plan(cfg):
+    """What `tapir build`'s driver does before its actors start: the preflight and the plan."""
+    from pipeline.build import _write_plan, check_sizes, encoder_infos, make_plan
 
-    from pipeline import shards
-
-    arrays = []
-    for sid in sorted(shards.done_shards(run / "raw")):
-        for members in shards.read_tar(run / "raw" / f"{shards.shard_name(sid)}.tar").values():
-            with Image.open(io.BytesIO(members["jpg"])) as im:
-                arrays.append(np.asarray(ImageOps.fit(im.convert("RGB"), (resolution, resolution))))
-    batches = [np.stack(arrays[i:i + batch]) for i in range(0, len(arrays), batch)]  # pre-decoded
-    vae = AutoencoderKL.from_pretrained(vae_path).eval().to(device)
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-
-    def run_all(items):
-        for b in items:
-            x = torch.from_numpy(b).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            with torch.no_grad(), autocast:
-                dist = vae.encode(x).latent_dist
-                dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
-
-    run_all(batches[:1])  # warm-up
-    start = time.perf_counter()
-    run_all(batches)
-    return len(arrays) / (time.perf_counter() - start)
+    infos = encoder_infos(cfg.build)
+    check_sizes(cfg.build, infos)
+    cfg.shards_dir.mkdir(parents=True, exist_ok=True)
+    plan, _ = make_plan(cfg, infos)
+    _write_plan(cfg.shards_dir, plan)
+    return plan
 
 
 def build_inprocess(cfg) -> dict:
     """The build stage without Ray (for a machine that has none): plan, one worker, manifest."""
-    from pipeline import shards
-    from pipeline.build import BuildShard, _planned, _write_plan, encoder_infos, make_plan, plan_digest
-    from pipeline.manifest import write
+    from pipeline import manifest, shards
+    from pipeline.build import BuildShard, _planned
 
-    cfg.shards_dir.mkdir(parents=True)
-    plan, inputs = make_plan(cfg, encoder_infos(cfg.build))
-    _write_plan(cfg.shards_dir, plan, plan_digest(plan, cfg.build, inputs))
+    plan = write_plan(cfg)
     stage = BuildShard(cfg.model_dump())
     stage.setup()
     for sid in range(_planned(plan)):
         stage(sid)
-    write(cfg.shards_dir, cfg.build, _planned(plan))
+    manifest.write(cfg.shards_dir, cfg.build, _planned(plan))
     return {"written": sum(shards.read_stats(cfg.shards_dir, s)["count"] for s in shards.done_shards(cfg.shards_dir)),
             "setup": stage.setup_seconds}
 
 
-def bench_tapir(run: Path, vae_path: str, resolution: int, per_shard: int, batch: int, device: str,
-                inprocess: bool, num_cpus: int | None, threads: int | None = None) -> tuple[float, dict]:
-    from pipeline import shards
-    from pipeline.build import build
+def _config(spec: dict, shards_dir: str | None = None):
     from pipeline.config import load_config
 
-    shutil.rmtree(run / "shards", ignore_errors=True)
-    sets = [f"output={run}", "input.path=unused", f"build.vae.model={vae_path}", f"build.resolution={resolution}",
-            f"build.samples_per_shard={per_shard}", f"build.batch_size={batch}", f"build.device={device}"]
-    if num_cpus:
-        sets.append(f"resources.num_cpus={num_cpus}")
-    if threads:
-        sets.append(f"build.decode_threads={threads}")
-    cfg = load_config(None, sets)
-    start = time.perf_counter()
-    funnel = build_inprocess(cfg) if inprocess else build(cfg)
-    elapsed = time.perf_counter() - start
-    timing: dict = {}  # where the shard workers spent their time, summed over shards
-    for sid in shards.done_shards(cfg.shards_dir):
-        for k, v in shards.read_stats(cfg.shards_dir, sid)["timing"].items():
-            timing[k] = timing.get(k, 0) + v
-    funnel["timing"] = {k: round(v, 2) for k, v in timing.items()}
-    funnel["elapsed"] = round(elapsed, 2)
-    return funnel["written"] / elapsed, funnel
+    sets = [f"output={spec['run']}", f"build.vae.model={spec['vae']}", f"build.resolution={spec['resolution']}",
+            f"build.samples_per_shard={spec['per_shard']}", f"build.batch_size={spec['batch']}",
+            f"build.device={spec['device']}"]
+    return load_config(None, sets + ([f"build.output={shards_dir}"] if shards_dir else []))
+
+
+def _batches(cfg, plan, sids: list[int]) -> list:
+    """uint8 (N, H, W, 3) batches of the planned shards ``sids``, decoded and cropped as the stage
+    does and batched as it batches (per shard, per size, ``build.batch_size``)."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from pipeline import shards
+
+    out = []
+    for sid in sids:
+        rows = [r for r in plan.to_pylist() if r["shard"] == sid]
+        tars = {s: shards.read_tar(cfg.score_input / f"{shards.shard_name(s)}.tar") for s in {r["source"] for r in rows}}
+        groups: dict[tuple, list] = {}
+        for r in rows:
+            with Image.open(io.BytesIO(tars[r["source"]][r["key"]]["jpg"])) as im:
+                fitted = ImageOps.fit(im.convert("RGB"), (r["width"], r["height"]), method=Image.Resampling.BICUBIC)
+            groups.setdefault((r["width"], r["height"]), []).append(np.asarray(fitted))
+        b = cfg.build.batch_size
+        out += [np.stack(g[i:i + b]) for g in groups.values() for i in range(0, len(g), b)]
+    return out
+
+
+def bare(spec: dict, part: int, procs: int):
+    """The AutoencoderKL forward alone on batches decoded and cropped beforehand."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from filters.clip import pick_device
+    from pipeline.build import encoder_infos, make_plan
+
+    cfg = _config(spec)
+    plan, _ = make_plan(cfg, encoder_infos(cfg.build))
+    batches = _batches(cfg, plan, share(spec["shards"], part, procs))
+    device = pick_device(spec["device"])
+    vae = AutoencoderKL.from_pretrained(spec["vae"]).eval().to(device)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+    def forward(b) -> None:
+        x = torch.from_numpy(b).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        with torch.no_grad(), autocast:
+            dist = vae.encode(x).latent_dist
+            dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
+
+    forward(batches[0])  # warm-up
+
+    def work() -> dict:
+        for b in batches:
+            forward(b)
+        return {"images": sum(len(b) for b in batches)}
+
+    return work
+
+
+def stage(spec: dict, part: int, procs: int):
+    """pipeline.build.BuildShard, as an actor runs it: setup once, then one call per planned shard."""
+    from pipeline.build import BuildShard
+
+    cfg = _config(spec, os.path.join(spec["work"], f"stage-{os.getpid()}"))
+    plan = write_plan(cfg)
+    shard = BuildShard(cfg.model_dump())
+    shard.setup()
+    mine = share(spec["shards"], part, procs)
+    shard.encoders.encode_images(_batches(cfg, plan, mine[:1])[0])  # warm-up: one batch through the same model
+
+    def work() -> dict:
+        stats = [shard(sid) for sid in mine]
+        assert all(not s["failed"] for s in stats), [s["failed"] for s in stats]
+        timing = {f"{k}_s": sum(s["timing"][k] for s in stats) for k in stats[0]["timing"]}
+        return {"images": sum(s["count"] for s in stats), **timing}
+
+    return work
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=384)
-    parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--per-shard", type=int, default=128)
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--per-shard", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--arch", choices=["sd", "tiny"], default="sd")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--inprocess", action="store_true", help="run the stage without Ray")
-    parser.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all)")
-    parser.add_argument("--decode-threads", default="", help="comma list: run (b) once per thread count")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--device", default="cpu")
+    add_layout_args(parser)
     args = parser.parse_args()
+    load = os.getloadavg()[0]
 
-    from filters.clip import pick_device
     from pipeline.synthweb import write_curated_run
 
     work = guarded_workdir("tapir-bench-build-")
-    device = pick_device(args.device)
-    run = work / "run"
-    side = args.resolution
+    run, side = work / "run", args.resolution
     write_curated_run(run, args.images, per_shard=args.per_shard, sizes=((side * 5 // 4, side),), faults=False,
                       drop_every=None)
     vae = save_vae(work / "vae", args.arch)
-    bare = bench_bare(run, vae, args.resolution, args.batch, device)
-    print(f"{args.arch} VAE, {args.images} images at {side}px, batch {args.batch}, {device}:")
-    print(f"  (a) bare AutoencoderKL forward, pre-decoded:  {bare:8.2f} img/s")
-    figures = {"arch": args.arch, "resolution": args.resolution, "images": args.images, "batch": args.batch,
-               "device": device, "inprocess": args.inprocess, "bare_img_s": round(bare, 2), "runs": []}
-    for threads in [int(t) for t in args.decode_threads.split(",") if t] or [None]:
-        tapir, funnel = bench_tapir(run, vae, args.resolution, args.per_shard, args.batch, device, args.inprocess,
-                                    args.num_cpus, threads)
-        figures["runs"].append({"decode_threads": threads, "tapir_img_s": round(tapir, 2),
-                                "ratio": round(tapir / bare, 3), "written": funnel["written"],
-                                "elapsed_s": funnel["elapsed"], "shard_timing_s": funnel["timing"],
-                                "setup_s": round(funnel.get("setup", 0), 2)})
-        label = f"tapir build end to end{' (in-process)' if args.inprocess else ''}" + (
-            f", {threads} decode threads" if threads else "")
-        print(f"  (b) {label}: {tapir:8.2f} img/s")
-        print(f"  ratio b/a: {tapir / bare:.3f}  (goal >= 0.85)")
-        print(f"  (b) took {funnel['elapsed']:.1f} s; shard workers' time, summed: {funnel['timing']}"
-              + (f", model setup {funnel['setup']:.1f} s" if "setup" in funnel else ""))
-    figures["guard_refusals"] = violations(work)
-    print(f"  guard refusals: {figures['guard_refusals']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    n_shards = -(-args.images // args.per_shard)
+    if n_shards % args.procs:
+        print(f"warning: {n_shards} shards do not split evenly over {args.procs} processes")
+    spec = {"run": str(run), "work": str(work), "vae": vae, "resolution": side, "per_shard": args.per_shard,
+            "batch": args.batch, "device": args.device, "shards": list(range(n_shards))}
+    layout_env(args.threads)
+    print(f"{args.arch} VAE (random weights), {args.images} images of {side * 5 // 4}x{side} cropped to {side}px in "
+          f"{n_shards} shards, batch {args.batch}, {args.device}", flush=True)
+    runs = compare({"bare": bare, "stage": stage}, spec, repeats=args.repeats, procs=args.procs, threads=args.threads)
+    spent = {k[:-2]: statistics.median(r[k] for r in runs["stage"]) for k in runs["stage"][0] if k.endswith("_s")}
+    summarize(runs, "bare", "stage", 0.85, procs=args.procs, threads=args.threads, load_before=load,
+              labels={"bare": "bare: AutoencoderKL forward on pre-decoded batches",
+                      "stage": "stage: pipeline.build.BuildShard (read, decode, crop, encode, write, commit)"},
+              notes=["stage's time, summed over its processes, median over repeats (s): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in spent.items()),
+                     f"non-loopback connection attempts refused by the guard: {violations(work)}"],
+              json_path=args.json)
     shutil.rmtree(work, ignore_errors=True)
 
 

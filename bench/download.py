@@ -1,25 +1,33 @@
-"""Download throughput: plain img2dataset versus `tapir download` (hardened fetch on).
+"""Download throughput: img2dataset's shard downloader against the download stage's, like for like.
 
-Both download the same synthetic URL list, served on loopback by a server in its own
-process, in one run, with the same shard size, image size, resize mode and threads.
-Prints images/s of each and the ratio (goal: tapir >= 0.95 of img2dataset). Not a
-test: run it by hand on a quiet machine.
+Both arms download the same pre-sharded URL list (img2dataset's Reader, as `tapir download`
+plans it), served on loopback by a server in a process of its own, with the same
+processes, fetch threads per process, shards, image size, resize mode (keep_ratio), hash
+(sha256), re-encode (jpg) and no EXIF:
+  img2dataset: ``img2dataset.downloader.Downloader`` as ``img2dataset.download`` builds it
+               (its Resizer, the webdataset writer), called once per shard, as its
+               multiprocessing distributor calls it;
+  stage:       ``pipeline.download.ShardTask``, the callable `tapir download` runs as Ray
+               tasks, called once per shard: the hardened fetch, the header check before
+               decoding, classification, and the atomic commit. No Ray: it runs directly in
+               a process of its own.
+Each run of an arm is ``--procs`` fresh processes, each taking the same share of the shards
+(see bench/_common.py); imports and setup are not timed. Prints each arm's median images/s
+and spread over ``--repeats`` alternating runs, and the median of the per-repeat ratios
+stage / img2dataset (goal >= 0.95). Not a test. Runs under the test socket guard
+(tests/netguard): any attempt to leave loopback, in any process, is refused and counted.
 
-    python bench/download.py --rows 2000
-
-Runs under the test socket guard (tests/netguard): any attempt to leave loopback, in
-any process, is refused and counted.
+    python bench/download.py --rows 2000 --shard 250 --procs 2 --threads 32 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import shutil
-import time
-from pathlib import Path
 
-from _common import guarded_workdir, violations  # bench/ is sys.path[0] for a script
+from _common import compare, guarded_workdir, share, summarize, violations
 
 
 def _serve(rows: int, seed: int, queue) -> None:
@@ -31,78 +39,106 @@ def _serve(rows: int, seed: int, queue) -> None:
     server.serve_forever()
 
 
-def run_img2dataset(url_list: str, out: str, args) -> tuple[float, int]:
-    import img2dataset
-
-    start = time.perf_counter()
-    img2dataset.download(
-        url_list=url_list, output_folder=out, processes_count=args.processes, thread_count=args.threads,
-        image_size=args.image_size, resize_mode="keep_ratio", output_format="webdataset",
-        input_format="parquet", url_col="URL", caption_col="TEXT", number_sample_per_shard=args.shard,
-        distributor="multiprocessing", timeout=10, retries=0, enable_wandb=False, compute_hash="sha256",
-    )
-    elapsed = time.perf_counter() - start
-    import pyarrow.parquet as pq
-
-    ok = sum(pq.read_table(p, columns=["status"])["status"].to_pylist().count("success")
-             for p in Path(out).glob("*.parquet"))
-    return elapsed, ok
-
-
-def run_tapir(url_list: str, out: str, args) -> tuple[float, int]:
-    from pipeline import ray_backend
+def _config(spec: dict, output: str):
     from pipeline.config import load_config
-    from pipeline.download import download
 
-    cfg = load_config(None, [
-        f"output={out}", f"input.path={url_list}", "input.preset=laion", "download.fetch.allow_loopback=true",
-        f"download.image_size={args.image_size}", "download.resize_mode=keep_ratio",
-        f"download.samples_per_shard={args.shard}", f"download.threads={args.threads}",
-        f"resources.num_cpus={args.processes}", f"resources.download_tasks={args.processes}",
-    ])
-    start = time.perf_counter()
-    funnel = download(cfg)
-    elapsed = time.perf_counter() - start
-    ray_backend.shutdown()
-    return elapsed, funnel["succeeded"]
+    return load_config(None, [
+        f"output={output}", f"input.path={spec['urls']}", "input.preset=laion", "download.fetch.allow_loopback=true",
+        f"download.image_size={spec['image_size']}", "download.resize_mode=keep_ratio",
+        f"download.samples_per_shard={spec['shard']}", f"download.threads={spec['threads']}",
+        "download.retry_passes=0"])
+
+
+def img2dataset_arm(spec: dict, part: int, procs: int):
+    """img2dataset's Downloader, built with what img2dataset.download would pass it."""
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    out = os.path.join(spec["work"], f"img2dataset-{os.getpid()}")
+    os.makedirs(out)
+    downloader = Downloader(
+        sample_writer_class=WebDatasetSampleWriter, thread_count=spec["threads"], save_caption=True,
+        resizer=Resizer(image_size=spec["image_size"], resize_mode="keep_ratio", resize_only_if_bigger=False,
+                        encode_quality=95, encode_format="jpg"),  # img2dataset.download's defaults
+        extract_exif=False, output_folder=out, column_list=spec["column_list"], timeout=10,
+        number_sample_per_shard=spec["shard"], oom_shard_count=5, compute_hash="sha256", verify_hash_type=None,
+        encode_format="jpg", retries=0, user_agent_token=None,
+        disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"])
+    mine = share(spec["shards"], part, procs)
+
+    def work() -> dict:
+        import pyarrow.parquet as pq
+
+        for sid, path in mine:
+            local = os.path.join(out, f"{sid:05d}.feather")
+            shutil.copyfile(path, local)  # img2dataset deletes its input (the stage copies it too)
+            downloader((sid, local))
+        ok = sum(pq.read_table(os.path.join(out, f"{sid:05d}.parquet"), columns=["status"])["status"]
+                 .to_pylist().count("success") for sid, _ in mine)
+        return {"images": ok}
+
+    return work
+
+
+def stage(spec: dict, part: int, procs: int):
+    """pipeline.download.ShardTask, as a Ray task runs it: one call per shard."""
+    import img2dataset.downloader  # noqa: F401 - imported ahead, as `tapir download` warms its workers up
+    import img2dataset.writer  # noqa: F401
+
+    from pipeline.download import ShardTask
+
+    cfg = _config(spec, os.path.join(spec["work"], f"stage-{os.getpid()}"))
+    task = ShardTask(cfg.model_dump(), spec["column_list"], *spec["fingerprint"])
+    mine = share(spec["shards"], part, procs)
+
+    def work() -> dict:
+        return {"images": sum(task((sid, path, "first"))["successes"] for sid, path in mine)}
+
+    return work
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=2000)
-    p.add_argument("--shard", type=int, default=250, help="rows per shard (both tools)")
-    p.add_argument("--threads", type=int, default=32)
-    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--shard", type=int, default=250, help="rows per shard (both arms)")
+    p.add_argument("--threads", type=int, default=32, help="fetch threads per process (both arms)")
+    p.add_argument("--procs", type=int, default=2, help="processes per arm, each taking an equal share")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=1, help="alternate the two tools this many times")
+    p.add_argument("--repeats", type=int, default=5, help="runs of each arm, the order alternating")
+    p.add_argument("--json", help="also write the figures (every run) to this JSON file")
     args = p.parse_args()
+    load = os.getloadavg()[0]
 
-    work = guarded_workdir("tapir-bench-")
+    work = guarded_workdir("tapir-bench-download-")
     queue = mp.get_context("spawn").Queue()
     server = mp.get_context("spawn").Process(target=_serve, args=(args.rows, 0, queue), daemon=True)
     server.start()
-    base_url = queue.get(timeout=300)
-    from pipeline.synthweb import build_world
-
-    url_list = build_world(args.rows, seed=0, noisy=False).write_url_list(str(work / "urls.parquet"), base_url)
-    results: dict[str, list[tuple[float, int]]] = {"img2dataset": [], "tapir": []}
     try:
-        for r in range(args.repeats):
-            for name, fn in (("img2dataset", run_img2dataset), ("tapir", run_tapir)):
-                out = work / f"{name}-{r}"
-                shutil.rmtree(out, ignore_errors=True)
-                results[name].append(fn(str(url_list), str(out), args))
+        base_url = queue.get(timeout=300)
+        from pipeline.download import plan
+        from pipeline.synthweb import build_world
+
+        urls = build_world(args.rows, seed=0, noisy=False).write_url_list(str(work / "urls.parquet"), base_url)
+        spec = {"urls": str(urls), "work": str(work), "image_size": args.image_size, "shard": args.shard,
+                "threads": args.threads}
+        # the stage's own sharding (img2dataset's Reader); then the fingerprint its records carry, if any
+        column_list, todo, *fingerprint = plan(_config(spec, str(work / "plan")))
+        spec.update(column_list=column_list, shards=[(sid, path) for sid, path, _ in todo], fingerprint=fingerprint)
+        if len(todo) % args.procs:
+            print(f"warning: {len(todo)} shards do not split evenly over {args.procs} processes")
+        print(f"{args.rows} rows in {len(todo)} shards, image_size {args.image_size} keep_ratio, loopback server "
+              f"in its own process", flush=True)
+        runs = compare({"img2dataset": img2dataset_arm, "stage": stage}, spec, repeats=args.repeats,
+                       procs=args.procs, threads=None)
     finally:
         server.terminate()
-    print(f"\nrows={args.rows} shard={args.shard} threads={args.threads} processes={args.processes} "
-          f"image_size={args.image_size} (loopback server in its own process)")
-    best = {}
-    for name, runs in results.items():
-        for i, (sec, ok) in enumerate(runs):
-            print(f"  {name:<12} run {i}: {ok:>6} images in {sec:6.1f} s = {ok / sec:7.1f} img/s")
-        best[name] = max(ok / sec for sec, ok in runs)
-    print(f"  ratio tapir / img2dataset (best runs): {best['tapir'] / best['img2dataset']:.3f}  (goal >= 0.95)")
-    print(f"  non-loopback connection attempts refused by the guard: {violations(work)}")
+    summarize(runs, "img2dataset", "stage", 0.95, procs=args.procs, threads=None, load_before=load,
+              labels={"img2dataset": "img2dataset: its Downloader per shard",
+                      "stage": "stage: pipeline.download.ShardTask per shard (hardened fetch, commit)"},
+              notes=[f"fetch threads per process: {args.threads} (both arms)",
+                     f"non-loopback connection attempts refused by the guard: {violations(work)}"],
+              json_path=args.json)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -253,9 +253,9 @@ class BuildConfig(_Strict):
     max_shard_bytes: int = Field(1_000_000_000, gt=0, description="Target largest tar size, bytes (planned "
                                  "from the raw image sizes and the exact latent sizes).")
     batch_size: int = Field(32, gt=0, description="Images per encoder batch.")
-    decode_threads: int = Field(2, gt=0, description="Threads per actor decoding and cropping the next batch "
-                                "while one encodes. More threads slow a GPU encoder down: they compete with its "
-                                "launching thread for the GIL (H200, 256 px: 1 thread 321 img/s, 8 threads 244).")
+    decode_threads: int = Field(2, gt=0, description="Threads per actor decoding and cropping the next batch while "
+                                "one encodes. On a GPU, keep it small: decode threads compete with the encoder's "
+                                "kernel-launching thread for the GIL.")
     latent_dtype: Literal["float16", "float32"] = Field("float16", description="Stored latents and embeddings.")
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda'.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Encoder compute: 'auto' is bf16 on "
