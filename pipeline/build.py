@@ -521,6 +521,9 @@ def build(cfg: RunConfig) -> dict:
     check_sizes(cfg.build, infos)
     if not shards.done_shards(cfg.selection_dir):
         raise FileNotFoundError(f"no selection in {cfg.selection_dir}; run `tapir select` first")
+    from pipeline.select import check_selection
+
+    summary = check_selection(cfg)  # a whole selection, made with these rules from the current scores
     out = cfg.shards_dir
     out.mkdir(parents=True, exist_ok=True)
     shards.clear_staging(out)
@@ -553,4 +556,7 @@ def build(cfg: RunConfig) -> dict:
     funnel = build_funnel(Path(cfg.output), out)
     if failures:
         funnel["failed_shards"] = {str(k): str(v)[:500] for k, v in failures.items()}
+    if summary.get("unscored_shards"):  # a hole upstream: every later stage says so and exits non-zero
+        funnel.setdefault("failed_shards", {}).update(
+            {f"score/{k}": v for k, v in summary["unscored_shards"].items()})
     return funnel

@@ -97,6 +97,7 @@ def cmd_run(args) -> int:
 
     cfg = _load(args)
     check_rules(cfg)  # a bad rule fails before any download
+    _preflight(cfg)  # so does a model that cannot load
     code = 0
     with _locked(cfg.output, args):
         for name in STAGES:
@@ -108,6 +109,20 @@ def cmd_run(args) -> int:
     _, path = report(Path(cfg.output))
     print(f"report: {path.parent / 'index.html'}")
     return code
+
+
+def _preflight(cfg) -> None:
+    """Every model the stages will load resolves (configs read, weight files found, nothing
+    downloaded), checked before the first stage starts: ModelLoadError names the key."""
+    from pipeline.build import encoder_infos
+    from recaption.backends import check_loadable
+
+    if "clip" in cfg.score.scorers:
+        from filters.clip import check_clip
+
+        check_clip(cfg.score.clip.model, cfg.score.clip.pretrained)
+    check_loadable(cfg.recaption)
+    encoder_infos(cfg.build)
 
 
 def cmd_report(args) -> int:

@@ -161,8 +161,10 @@ class RecaptionConfig(_Strict):
     backend: Literal["transformers", "openai"] = Field(
         "transformers", description="'transformers': a local model on actors; 'openai': an "
         "OpenAI-compatible server (vLLM, SGLang).")
-    model: str = Field("Salesforce/blip-image-captioning-large", description="Hugging Face id or local path "
-                       "(transformers), or the served model name (openai).")
+    model: str = Field("Qwen/Qwen2-VL-2B-Instruct", description="Hugging Face id or local path "
+                       "(transformers), or the served model name (openai). A chat VLM (a chat template: "
+                       "Qwen2-VL, SmolVLM, LLaVA...) reads the prompt and the alt-text hint; a prefix-only "
+                       "captioner (BLIP) gets the templates' prefix only, and refuses alt_text_hint: true.")
     base_url: Optional[str] = Field(None, description="Server URL ending in /v1 (openai backend).")
     api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Prompt templates.")

@@ -50,7 +50,7 @@ def _demo(output: Path, rows: int, config: Path | None, overrides: list[str], va
     from pipeline.report import format_stage, report
     from pipeline.recaption import recaption
     from pipeline.score import score
-    from recaption.tiny import save_tiny_blip
+    from recaption.tiny import save_tiny_chat_vlm
     from pipeline.select import check_rules, select
     from pipeline.synthweb import WebServer, build_world
     from training.ar import train_ar
@@ -67,7 +67,7 @@ def _demo(output: Path, rows: int, config: Path | None, overrides: list[str], va
         # no CLIP trained for the synthetic world yet: a tiny one built from a config, saved
         # locally and loaded through the same loader as a pretrained model
         clip = save_local_clip(output / "models" / "tiny-clip")
-        captioner = save_tiny_blip(output / "models" / "tiny-blip")  # likewise a tiny captioner
+        captioner = save_tiny_chat_vlm(output / "models" / "tiny-chat")  # likewise a tiny chat VLM
         text = save_tiny_text_encoder(output / "models" / "tiny-t5")  # and a tiny T5 text encoder
         # no autoencoder exists for this world either: the demo trains its own (VQ and KL), and the
         # build stage encodes with them

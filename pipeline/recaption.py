@@ -5,14 +5,24 @@ once per caption kind (descriptive, short), with a named, versioned prompt (the 
 offered as a hint when configured). Outputs are cleaned (``recaption.clean``); a
 degenerate output (empty, a repetition loop, a refusal, the prompt echoed) is retried
 with the next sampling setting of ``recaption.retry_sampling`` and, when every attempt
-fails, the row is recorded as failed with its reason: junk is never stored. Every row
-carries its provenance: model, backend, prompt id@version, generation parameters, time.
-Shards commit atomically; a rerun captions only shards without a completion record.
+fails, that kind is recorded as failed with its reason: junk is never stored. Each kind
+stands on its own: a row whose descriptive caption failed keeps its good short caption
+(``descriptive_status``/``short_status``; the row's ``status`` is ok, partial or failed).
+Every row carries its provenance: model, backend, prompt id@version, generation
+parameters, time. Sampled retries are seeded per row (shard, key, kind, attempt), so a
+redone shard gets the same captions.
+
+Before any work the captioner is checked (``recaption.backends.check_loadable``). Shards
+commit atomically with a fingerprint of what made them (the output-changing
+``recaption.*`` settings, the prompt templates' versions and contents, the completion
+records of the selection and raw shards they read); a rerun captions only shards without
+a completion record, and refuses shards made differently (a changed model, prompt or
+selection) unless ``--redo`` asks to redo just those.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import logging
 import time
@@ -34,6 +44,7 @@ SCHEMA = pa.schema([
     ("key", pa.string()), ("alt_text", pa.string()),
     ("descriptive", pa.string()), ("short", pa.string()),
     ("status", pa.string()), ("reason", pa.string()),
+    ("descriptive_status", pa.string()), ("short_status", pa.string()),
     ("descriptive_raw", pa.string()), ("short_raw", pa.string()),
     ("descriptive_attempts", pa.int32()), ("short_attempts", pa.int32()),
     ("descriptive_tokens", pa.int32()), ("short_tokens", pa.int32()),
@@ -41,6 +52,30 @@ SCHEMA = pa.schema([
     ("prompt_descriptive", pa.string()), ("prompt_short", pa.string()),
     ("generation", pa.string()), ("created_at", pa.string()),
 ])
+
+
+# settings that change speed or transport, not what a caption says: left out of the fingerprint
+# (batch_size: batch composition seeds sampled retries, but a caption from another batch size is as valid)
+NOT_OUTPUT = ("actors", "concurrency", "timeout", "http_retries", "backoff", "batch_size", "device",
+              "api_key_env", "base_url")
+
+
+def shard_fingerprint(cfg: RunConfig, prompts: dict, shard_id: int) -> dict:
+    """What determines a captions shard: recaption settings, prompt templates (ref and a
+    digest of their text) and the completion records of the selection and raw shards read."""
+    settings = shards.settings_of(cfg.recaption, "recaption", exclude=NOT_OUTPUT)
+    for kind, t in prompts.items():
+        text = json.dumps(t.model_dump(), sort_keys=True).encode()
+        settings[f"recaption.prompts.{kind}"] = f"{t.ref} sha256:{hashlib.sha256(text).hexdigest()[:16]}"
+    name = shards.shard_name(shard_id)
+    return shards.fingerprint(settings, {f"selection/{name}": shards.record_digest(cfg.selection_dir, shard_id),
+                                         f"raw/{name}": shards.record_digest(cfg.raw_dir, shard_id)})
+
+
+def load_prompts(cfg: RunConfig) -> dict:
+    from recaption.prompts import load_prompt
+
+    return {kind: load_prompt(getattr(cfg.recaption.prompts, kind)) for kind in KINDS}
 
 
 def build_captioner(cfg: RunConfig):
@@ -60,19 +95,19 @@ class RecaptionShard:
     config: dict
 
     def setup(self) -> None:
+        from recaption.backends import refuse_unhonoured
         from recaption.clean import clip_token_counter, word_count
-        from recaption.prompts import load_prompt
 
         self.cfg = RunConfig.model_validate(self.config)
         r = self.cfg.recaption
-        self.prompts = {kind: load_prompt(getattr(r.prompts, kind)) for kind in KINDS}
+        self.prompts = load_prompts(self.cfg)
         self.counter = clip_token_counter() if r.token_counter == "clip" else word_count
         self.captioner = build_captioner(self.cfg)
         self.captioner.setup()
+        if getattr(self.captioner, "chat", True) is False and r.alt_text_hint:
+            refuse_unhonoured(False, r, r.model)  # also when the driver's preflight was skipped
 
     def _inputs(self, shard_id: int):
-        from PIL import Image
-
         name = shards.shard_name(shard_id)
         sel = pq.read_table(self.cfg.selection_dir / f"{name}.parquet")
         keep = set(sel.filter(pc.equal(sel["keep"], True))["key"].to_pylist())
@@ -84,15 +119,16 @@ class RecaptionShard:
             data = next((members.get(key, {}).get(e) for e in ("jpg", "png", "webp") if e in members.get(key, {})),
                         None)
             try:
-                image = Image.open(io.BytesIO(data)).convert("RGB") if data else None
+                image = shards.open_image(data).convert("RGB") if data else None
                 err = None if data else "image missing from the tar"
             except Exception as e:  # a corrupt image is the row's reason
                 image, err = None, f"decode error: {e}"
             rows.append((key, alts.get(key), image, err))
         return rows
 
-    def _caption_kind(self, kind: str, images, alts) -> list[dict]:
+    def _caption_kind(self, kind: str, images, alts, keys, shard_id: int) -> list[dict]:
         """Caption every image with one kind; retry degenerate outputs with the next sampling."""
+        from recaption.backends import sampling_seed
         from recaption.clean import clean, degenerate
 
         r, prompt = self.cfg.recaption, self.prompts[kind]
@@ -108,8 +144,9 @@ class RecaptionShard:
             params = {"max_new_tokens": r.max_new_tokens, "do_sample": False, **sampling}
             for start in range(0, len(todo), r.batch_size):
                 idx = todo[start:start + r.batch_size]
+                seeds = [sampling_seed(shard_id, keys[i], kind, attempt) for i in idx]
                 outs = self.captioner.generate([images[i] for i in idx], [texts[i] for i in idx],
-                                               [prompt.prefix] * len(idx), sampling)
+                                               [prompt.prefix] * len(idx), sampling, seeds)
                 for i, (raw, tokens, error) in zip(idx, outs):
                     res = result[i]
                     res["attempts"], res["raw"], res["tokens"] = attempt + 1, raw, tokens
@@ -125,14 +162,11 @@ class RecaptionShard:
         return result
 
     def __call__(self, shard_id: int) -> dict:
-        import torch
-
         start = time.time()
-        torch.manual_seed(shard_id)  # sampled retries repeat exactly when a shard is redone
         rows = self._inputs(shard_id)
         ok = [i for i, row in enumerate(rows) if row[2] is not None]
-        images, alts = [rows[i][2] for i in ok], [rows[i][1] for i in ok]
-        per_kind = {kind: self._caption_kind(kind, images, alts) if ok else [] for kind in KINDS}
+        images, alts, keys = [rows[i][2] for i in ok], [rows[i][1] for i in ok], [rows[i][0] for i in ok]
+        per_kind = {kind: self._caption_kind(kind, images, alts, keys, shard_id) if ok else [] for kind in KINDS}
         r = self.cfg.recaption
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         out = []
@@ -148,13 +182,15 @@ class RecaptionShard:
                 row[f"{kind}_raw"] = res["raw"] if res else None
                 row[f"{kind}_attempts"] = res["attempts"] if res else 0
                 row[f"{kind}_tokens"] = res["tokens"] if res else 0
+                row[f"{kind}_status"] = "ok" if res and res["text"] is not None else "failed"
                 if res and res["text"] is None:
                     reasons.append(f"{kind}: {res['reason']} after {res['attempts']} attempts")
                 if res and res["params"]:
                     params[kind] = res["params"]
             if err:
                 reasons.append(err)
-            row["status"] = "ok" if not reasons else "failed"
+            good = sum(row[f"{kind}_status"] == "ok" for kind in KINDS)
+            row["status"] = "ok" if good == len(KINDS) else "partial" if good else "failed"
             row["reason"] = "; ".join(reasons) or None
             row["generation"] = json.dumps(params, sort_keys=True)
             out.append(row)
@@ -162,11 +198,14 @@ class RecaptionShard:
         name = shards.shard_name(shard_id)
         staging = shards.new_staging(self.cfg.captions_dir, shard_id)
         shards.write_parquet(staging / f"{name}.parquet", table)
-        failed = [r_["reason"] for r_ in out if r_["status"] == "failed"]
-        stats = {"count": len(out), "ok": len(out) - len(failed), "failed": len(failed),
+        status = [r_["status"] for r_ in out]
+        stats = {"count": len(out), "ok": status.count("ok"), "partial": status.count("partial"),
+                 "failed": status.count("failed"), **{f"{kind}_ok": sum(r_[f"{kind}_status"] == "ok" for r_ in out)
+                                                      for kind in KINDS},
                  "tokens": sum(r_["descriptive_tokens"] + r_["short_tokens"] for r_ in out),
                  "duration": time.time() - start}
-        shards.commit(staging, self.cfg.captions_dir, shard_id, [f"{name}.parquet"], stats)
+        shards.commit(staging, self.cfg.captions_dir, shard_id, [f"{name}.parquet"], stats,
+                      fingerprint=shard_fingerprint(self.cfg, self.prompts, shard_id))
         return stats
 
 
@@ -174,14 +213,23 @@ def recaption(cfg: RunConfig) -> dict:
     """Run the recaption stage over every selected shard; return its funnel."""
     from pipeline import ray_backend
     from pipeline.report import recaption_funnel
+    from pipeline.select import check_selection
+    from recaption.backends import check_loadable
 
+    check_loadable(cfg.recaption)  # a captioner that cannot load stops here, before Ray or any shard
     ray_backend.quiet_env()
     sel, out = cfg.selection_dir, cfg.captions_dir
     available = shards.done_shards(sel)
     if not available:
         raise FileNotFoundError(f"no selection in {sel}; run `tapir select` first")
+    summary = check_selection(cfg)  # a whole selection, made with these rules from the current scores
     out.mkdir(parents=True, exist_ok=True)
     shards.clear_staging(out)
+    prompts = load_prompts(cfg)
+    redone = shards.stale_shards(out, lambda sid: shard_fingerprint(cfg, prompts, sid), redo=cfg.redo,
+                                 stage="recaption")
+    if redone:
+        log.info("redoing %d captions shards made with other settings or inputs", len(redone))
     todo = sorted(available - shards.done_shards(out))
     ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
     local = cfg.recaption.backend == "transformers"
@@ -197,8 +245,14 @@ def recaption(cfg: RunConfig) -> dict:
             num_cpus=cfg.resources.cpus_per_actor, num_gpus=gpus, weight=lambda s: rows[s], unit="img"):
         if isinstance(result, Exception):
             failures[sid] = result
+            shards.record_failure(out, sid, "recaption", f"{type(result).__name__}: {result}")
             log.error("recaptioning shard %s failed: %s (rerun to retry it)", sid, result)
-    funnel = recaption_funnel(Path(cfg.output))
-    if failures:
-        funnel["failed_shards"] = {str(k): str(v)[:500] for k, v in failures.items()}
+    funnel = recaption_funnel(Path(cfg.output)) if shards.done_shards(out) else {
+        "stage": "recaption", "rows_in": 0, "captioned": 0, "failed": 0, "failed_by_reason": {}, "shards": 0}
+    failed = shards.failed_shards(out)
+    if failed:
+        funnel["failed_shards"] = {str(k): str(v)[:500] for k, v in sorted(failed.items())}
+    if summary.get("unscored_shards"):  # a hole upstream: every later stage says so and exits non-zero
+        funnel.setdefault("failed_shards", {}).update(
+            {f"score/{k}": v for k, v in summary["unscored_shards"].items()})
     return funnel

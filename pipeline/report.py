@@ -106,9 +106,10 @@ def recaption_funnel(run_dir: Path) -> dict:
     for r in t["reason"].drop_null().to_pylist():
         for part in r.split("; "):
             reasons[part.split(" after ")[0]] += 1
-    ok = t["status"].to_pylist().count("ok")
-    return {"stage": "recaption", "rows_in": t.num_rows, "captioned": ok, "failed": t.num_rows - ok,
-            "failed_by_reason": dict(reasons.most_common()), "shards": len(ids)}
+    status = t["status"].to_pylist()
+    ok, partial = status.count("ok"), status.count("partial")  # partial: one caption kind good, one failed
+    return {"stage": "recaption", "rows_in": t.num_rows, "captioned": ok, "partial": partial,
+            "failed": t.num_rows - ok - partial, "failed_by_reason": dict(reasons.most_common()), "shards": len(ids)}
 
 
 def build_funnel(run_dir: Path, folder: Path | None = None) -> dict:
@@ -145,7 +146,8 @@ def format_stage(f: dict) -> str:
     if f["stage"] == "download":
         return format_funnel(f)
     if f["stage"] == "recaption":
-        lines = [f"recaption: {f['rows_in']} kept rows in -> {f['captioned']} captioned, {f['failed']} failed"]
+        lines = [f"recaption: {f['rows_in']} kept rows in -> {f['captioned']} captioned, "
+                 f"{f.get('partial', 0)} partial (one kind only), {f['failed']} failed"]
         lines += [f"    {r:<30}{n:>8}" for r, n in f["failed_by_reason"].items()]
         return "\n".join(lines) + _failed_lines(f)
     if f["stage"] == "build":

@@ -209,3 +209,23 @@ def test_report_follows_every_row_from_input_to_training_sample(tmp_path):
     assert "recaption: shard 00000 has 1 row(s) of the stage before missing (e.g. b)" in bad["problems"]
     assert "score: shard 00001 FAILED: RuntimeError: the CPU scorer died" in bad["problems"]
     assert "download: 4 input rows, 5 recorded, 0 keys twice" in bad["problems"]
+
+
+@pytest.mark.parametrize("sets, key", [
+    ([], "score.clip"),  # the default CLIP's weights are not cached here, and HF_HUB_OFFLINE is set
+    (["score.scorers=[basic]", "score.dedup.near=false", "score.dedup.semantic=false", "recaption.model=/nonexistent/captioner"], "recaption.model"),
+    (["score.scorers=[basic]", "score.dedup.near=false", "score.dedup.semantic=false", "recaption.backend=openai", "recaption.base_url=http://127.0.0.1:9/v1",
+      "build.vae.model=/nonexistent/vae"], "build.vae.model"),
+])
+def test_run_checks_every_model_before_the_first_stage(tmp_path, sets, key):
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1:9/a.jpg\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output: {tmp_path / 'run'}\ninput: {{path: {urls}}}\n")
+    args = [x for s in sets for x in ("--set", s)]
+    proc = subprocess.run(tapir_cmd("run", config, *args), capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tapir: cannot load ") and f"({key}" in lines[0], lines
+    assert not (tmp_path / "run" / "raw").exists()  # nothing downloaded
