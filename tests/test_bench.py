@@ -15,9 +15,13 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+# bench/ holds download.py, score.py, recaption.py, build.py: on sys.path they would shadow the
+# packages of those names for every later test, so _common is imported from its file
 sys.path.insert(0, str(BENCH))
-
-import _common  # noqa: E402
+try:
+    import _common  # noqa: E402
+finally:
+    sys.path.remove(str(BENCH))
 
 
 def fast_arm(spec: dict, part: int, procs: int):
