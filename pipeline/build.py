@@ -190,7 +190,8 @@ def source_digests(cfg: RunConfig, source: int) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for folder in (cfg.selection_dir, cfg.captions_dir, cfg.scores_dir, cfg.score_input):
         path = folder / f"{name}.parquet"
-        out[f"{folder.name}/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+        committed = path.exists() and (folder != cfg.captions_dir or shards.stats_path(folder, source).exists())
+        out[f"{folder.name}/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest() if committed else None
     out[f"{cfg.score_input.name}/{name}"] = shards.record_digest(cfg.score_input, source)
     return out
 
@@ -315,9 +316,9 @@ class BuildShard:
             members = shards.read_tar(cfg.score_input / f"{name}.tar", keys=wanted)
             meta = _rows_by_key(cfg.score_input / f"{name}.parquet",
                                 ["url", "caption", "width", "height", "original_width", "original_height"])
-            caps = _rows_by_key(cfg.captions_dir / f"{name}.parquet",
+            caps = _rows_by_key(cfg.captions_dir / f"{name}.parquet",  # committed captions only
                                 ["descriptive", "short", "status", "reason", "model", "prompt_descriptive",
-                                 "prompt_short"])
+                                 "prompt_short"]) if shards.stats_path(cfg.captions_dir, source).exists() else {}
             scores = _rows_by_key(cfg.scores_dir / f"{name}.parquet")
             for p in plan:
                 if p["source"] != source:
@@ -504,6 +505,7 @@ def _check_done(cfg: RunConfig, plan: pa.Table, digests: dict[int, dict]) -> set
                                 redo=cfg.redo, stage="build")
     for sid in stale:  # a redone shard whose rows all fail writes no tar: the old one must not stay
         (out / f"{shards.shard_name(sid)}.tar").unlink(missing_ok=True)
+    shards.prune_failures(out, set(by_shard))  # failure records of shards no longer planned
     return stale
 
 

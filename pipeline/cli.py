@@ -92,7 +92,7 @@ def cmd_stage(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from pipeline.report import report
+    from pipeline.report import format_lineage, report
     from pipeline.select import check_rules
 
     cfg = _load(args)
@@ -106,9 +106,10 @@ def cmd_run(args) -> int:
                 print(f"tapir run: stopping after {name}: it did not account for every row or shard; "
                       f"rerun to retry", file=sys.stderr)
                 return code
-    _, path = report(Path(cfg.output))
+    funnel, path = report(Path(cfg.output))
+    print(format_lineage(funnel["lineage"]))
     print(f"report: {path.parent / 'index.html'}")
-    return code
+    return code or (0 if funnel["lineage"]["ok"] else 1)
 
 
 def _preflight(cfg) -> None:

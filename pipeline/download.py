@@ -407,9 +407,14 @@ def download(cfg: RunConfig, shard_timeout: float | None = None) -> dict:
 
     rows = {sid: n for sid, _, n in todo}
     run([(sid, path, "first") for sid, path, _ in todo], "download", lambda j: rows[j[0]])
-    for round_no in range(1, cfg.download.retry_passes + 1):
+    passes = cfg.download.retry_passes
+    for round_no in range(1, max(passes, 1) + 1):
+        # a shard's passes resume where a killed run left them; rows img2dataset lost get one more
+        # pass in every invocation, so "rerun to retry" holds for them even after the last pass
         todo_retry = [sid for sid in sorted(shards.done_shards(raw))
-                      if (s := shards.read_stats(raw, sid))["retryable"] and s["retry_passes_done"] < round_no]
+                      if (s := shards.read_stats(raw, sid))["retryable"] and (
+                          (round_no <= passes and s["retry_passes_done"] < round_no)
+                          or (round_no == 1 and s["reasons"].get("lost")))]
         if not todo_retry:
             break
         time.sleep(cfg.download.retry_wait * round_no)

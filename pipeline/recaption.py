@@ -62,14 +62,18 @@ NOT_OUTPUT = ("actors", "concurrency", "timeout", "http_retries", "backoff", "ba
 
 def shard_fingerprint(cfg: RunConfig, prompts: dict, shard_id: int) -> dict:
     """What determines a captions shard: recaption settings, prompt templates (ref and a
-    digest of their text) and the completion records of the selection and raw shards read."""
+    digest of their text), the rows the selection keeps in the shard (not the selection's
+    record: a rule change that keeps the same rows redoes nothing) and the raw shard's record."""
     settings = shards.settings_of(cfg.recaption, "recaption", exclude=NOT_OUTPUT)
     for kind, t in prompts.items():
         text = json.dumps(t.model_dump(), sort_keys=True).encode()
         settings[f"recaption.prompts.{kind}"] = f"{t.ref} sha256:{hashlib.sha256(text).hexdigest()[:16]}"
     name = shards.shard_name(shard_id)
-    return shards.fingerprint(settings, {f"selection/{name}": shards.record_digest(cfg.selection_dir, shard_id),
-                                         f"raw/{name}": shards.record_digest(cfg.raw_dir, shard_id)})
+    kept = pq.read_table(cfg.selection_dir / f"{name}.parquet", columns=["key", "keep"])
+    kept = sorted(kept.filter(pc.equal(kept["keep"], True))["key"].to_pylist())
+    return shards.fingerprint(settings, {
+        f"selection/{name} (kept rows)": hashlib.sha256("\n".join(kept).encode()).hexdigest(),
+        f"raw/{name}": shards.record_digest(cfg.score_input, shard_id)})
 
 
 def load_prompts(cfg: RunConfig) -> dict:
@@ -111,9 +115,9 @@ class RecaptionShard:
         name = shards.shard_name(shard_id)
         sel = pq.read_table(self.cfg.selection_dir / f"{name}.parquet")
         keep = set(sel.filter(pc.equal(sel["keep"], True))["key"].to_pylist())
-        meta = pq.read_table(self.cfg.raw_dir / f"{name}.parquet", columns=["key", "caption"])
+        meta = pq.read_table(self.cfg.score_input / f"{name}.parquet", columns=["key", "caption"])
         alts = dict(zip(meta["key"].to_pylist(), meta["caption"].to_pylist()))
-        members = shards.read_tar(self.cfg.raw_dir / f"{name}.tar")
+        members = shards.read_tar(self.cfg.score_input / f"{name}.tar")
         rows = []
         for key in sorted(keep):
             data = next((members.get(key, {}).get(e) for e in ("jpg", "png", "webp") if e in members.get(key, {})),
@@ -228,8 +232,11 @@ def recaption(cfg: RunConfig) -> dict:
     prompts = load_prompts(cfg)
     redone = shards.stale_shards(out, lambda sid: shard_fingerprint(cfg, prompts, sid), redo=cfg.redo,
                                  stage="recaption")
+    for sid in redone:  # stale captions never stay where build could read them
+        (out / f"{shards.shard_name(sid)}.parquet").unlink(missing_ok=True)
     if redone:
         log.info("redoing %d captions shards made with other settings or inputs", len(redone))
+    shards.prune_failures(out, available)  # failure records of shards no longer selected
     todo = sorted(available - shards.done_shards(out))
     ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
     local = cfg.recaption.backend == "transformers"

@@ -217,11 +217,12 @@ def lineage(run_dir: Path) -> dict:
               ("select", sel, scores, None, "selected"),
               ("recaption", caps, sel, ("keep", True), "captioned")]
     for stage, folder, up, where, label in stages:
-        if not shards.done_shards(folder):
+        made = shards.done_shards(folder)  # listed once per folder, not once per shard
+        if not made:
             continue
         n = 0
         for sid in sorted(shards.done_shards(up)):
-            if sid not in shards.done_shards(folder):
+            if sid not in made:
                 problems.append(missing(folder, sid, stage))
                 continue
             want, have = _keys(up, sid, where), _keys(folder, sid)
@@ -233,7 +234,7 @@ def lineage(run_dir: Path) -> dict:
                                 (f" and {len(extra)} unknown row(s) (e.g. {min(extra)})" if extra else ""))
         counts[label] = n
         if stage == "select":
-            counts["kept"] = sum(len(_keys(sel, sid, ("keep", True))) for sid in shards.done_shards(sel))
+            counts["kept"] = sum(len(_keys(sel, sid, ("keep", True))) for sid in made)
     if (out / "_plan.json").exists() and (out / "_plan.parquet").exists():
         plan = pq.read_table(out / "_plan.parquet", columns=["key", "shard"])
         planned = plan["key"].to_pylist()
@@ -245,9 +246,9 @@ def lineage(run_dir: Path) -> dict:
         if len(set(planned)) != len(planned):
             problems.append(f"build: {len(planned) - len(set(planned))} row(s) planned twice")
         per_shard = Counter(plan["shard"].to_pylist())
-        written = 0
+        written, built = 0, shards.done_shards(out)
         for sid in sorted(per_shard):
-            if sid not in shards.done_shards(out):
+            if sid not in built:
                 problems.append(missing(out, sid, "build"))
                 continue
             st = shards.read_stats(out, sid)

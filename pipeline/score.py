@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import logging
 import time
@@ -120,12 +119,10 @@ def expected_schema(cfg: ScoreConfig) -> pa.Schema:
 
 
 def _decode(data: bytes | None):
-    from PIL import Image
-
     if data is None:
         return None, "image missing from the tar"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
+    try:  # JPEG, PNG and WebP only (what img2dataset writes): no other Pillow parser sees these bytes
+        with shards.open_image(data) as im:
             return im.convert("RGB"), None
     except Exception as e:  # a corrupt image is a row's reason, never a crash
         return None, f"decode error: {type(e).__name__}: {e}"
@@ -371,6 +368,7 @@ def score(cfg: RunConfig) -> dict:
     if redone:
         log.info("redoing %d shard(s) whose settings or inputs changed (--redo)", len(redone))
     shards.clear_staging(out)
+    shards.prune_failures(out, available)  # failure records of raw shards that no longer exist
     todo = sorted(available - shards.done_shards(out))
     failures: dict[int, BaseException] = {}
     if todo:

@@ -298,6 +298,13 @@ def record_failure(folder: Path, shard_id: int, stage: str, reason: str) -> None
         indent=2))
 
 
+def prune_failures(folder: Path, keep: set[int]) -> None:
+    """Remove failure records of shards outside ``keep`` (no longer planned upstream)."""
+    for p in Path(folder).glob("*_failed.json"):
+        if int(p.name.split("_")[0]) not in keep:
+            p.unlink(missing_ok=True)
+
+
 def failed_shards(folder: Path) -> dict[int, str]:
     """{shard id: reason} of shards recorded as failed and not committed since."""
     out = {}

@@ -430,11 +430,11 @@ def write_curated_run(output: str | Path, n: int, per_shard: int = 10, seed: int
             shards.write_parquet(out / sub / f"{name}.parquet", table)
             stats = {"count": len(rows), "successes": len(rows), "kept": sum(r.get("keep", True) for r in rows)}
             (out / sub / f"{name}_stats.json").write_text(json.dumps(stats))
-    _write_selection_summary(out, n, len(fates))
+    write_selection_summary(out, n, len(fates))
     return fates
 
 
-def _write_selection_summary(out: Path, rows: int, kept: int) -> None:
+def write_selection_summary(out: Path, rows: int, kept: int) -> None:
     """The selection's ``_summary.json`` as ``tapir select`` writes it last (the default
     rules), so later stages accept the hand-written selection as complete."""
     import json

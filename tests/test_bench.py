@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-# bench/ holds download.py, score.py, recaption.py, build.py: on sys.path they would shadow the
-# packages of those names for every later test, so _common is imported from its file
-sys.path.insert(0, str(BENCH))
-try:
-    import _common  # noqa: E402
-finally:
-    sys.path.remove(str(BENCH))
+# bench/ holds recaption.py (and score.py, build.py...): first on sys.path it would shadow the
+# recaption package for every later test, so it goes last (spawned arms need it there too)
+sys.path.append(str(BENCH))
+
+import _common  # noqa: E402
 
 
 def fast_arm(spec: dict, part: int, procs: int):

@@ -26,7 +26,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.encoders import (load_text_encoder, save_tiny_clip_text_encoder, save_tiny_kl, save_tiny_text_encoder,
                                save_tiny_vq)
 from pipeline.manifest import FingerprintMismatch, check_encoder, verify
-from pipeline.synthweb import write_curated_run
+from pipeline.synthweb import write_curated_run, write_selection_summary
 
 N_ROWS = 30  # 20 kept rows, 3 of them bad (corrupt image, missing image, no caption)
 
@@ -53,6 +53,7 @@ def curated(tmp_path_factory, local_ray):
     cfg = _config(root / "run", f"score.clip.model={clip}", "score.clip.pretrained=null", "score.batch_size=8")
     assert set(cfg.score.scorers) == {"basic", "language", "phash", "clip", "nsfw", "ocr"}  # every scorer
     score(cfg)
+    write_selection_summary(root / "run", N_ROWS, len(fates))  # the selection, now of these scores
     return root / "run", fates
 
 

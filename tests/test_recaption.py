@@ -16,7 +16,7 @@ from conftest import make_config, tapir_cmd
 from PIL import Image
 
 from pipeline import shards
-from pipeline.synthweb import WebServer, build_world
+from pipeline.synthweb import WebServer, build_world, write_selection_summary
 from recaption.clean import degenerate
 
 FAST = ["recaption.token_counter=words", "recaption.min_words=1", "recaption.max_new_tokens=16"]
@@ -42,6 +42,9 @@ def _commit_selection(cfg, sid, keys, keep):
                    staging / f"{shards.shard_name(sid)}.parquet")
     shards.commit(staging, cfg.selection_dir, sid, [f"{shards.shard_name(sid)}.parquet"],
                   {"count": len(keys), "kept": sum(keep)})
+    done = [pq.read_table(cfg.selection_dir / f"{shards.shard_name(i)}.parquet")["keep"].to_pylist()
+            for i in sorted(shards.done_shards(cfg.selection_dir))]
+    write_selection_summary(Path(cfg.output), sum(map(len, done)), sum(map(sum, done)))  # as `tapir select` does
 
 
 @pytest.fixture(scope="module")
@@ -441,7 +444,7 @@ def test_changed_settings_or_selection_refused_or_redone(selected, tiny_chat, tm
     # the selection of shard 1 changes: its first row, dropped before, is now kept
     keys = pq.read_table(cfg.selection_dir / "00001.parquet")["key"].to_pylist()
     _commit_selection(cfg, 1, keys, [True] * len(keys))
-    with pytest.raises(StageChanged, match="its input selection/00001 changed since"):
+    with pytest.raises(StageChanged, match="its input selection/00001 \\(kept rows\\) changed since"):
         recaption(cfg)
     cfg = _config(base, tmp_path, *args, "redo=true")
     recaption(cfg)

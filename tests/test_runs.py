@@ -229,3 +229,27 @@ def test_run_checks_every_model_before_the_first_stage(tmp_path, sets, key):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tapir: cannot load ") and f"({key}" in lines[0], lines
     assert not (tmp_path / "run" / "raw").exists()  # nothing downloaded
+
+
+def test_failure_records_of_shards_no_longer_upstream_are_pruned(tmp_path):
+    for sid in (1, 5):
+        shards.record_failure(tmp_path, sid, "score", "boom")
+    shards.prune_failures(tmp_path, {1, 2})
+    assert shards.failed_shards(tmp_path) == {1: "boom"}
+
+
+def test_recaption_fingerprint_follows_the_kept_rows_not_the_selection_record(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.recaption import load_prompts, shard_fingerprint
+
+    cfg = load_config(None, values={"output": str(tmp_path)})
+    _stage(cfg.raw_dir, 0, key=["a", "b"], status=["success", "success"])
+    _stage(cfg.selection_dir, 0, key=["a", "b"], keep=[True, False], reason=[None, "clip_score >= 0.2"])
+    prompts = load_prompts(cfg)
+    before = shard_fingerprint(cfg, prompts, 0)
+    _stage(cfg.selection_dir, 0, key=["a", "b"], keep=[True, False], reason=[None, "clip_score >= 0.3"])
+    assert shard_fingerprint(cfg, prompts, 0) == before  # another rule, the same kept rows: nothing to redo
+    _stage(cfg.selection_dir, 0, key=["a", "b"], keep=[True, True], reason=[None, None])
+    changed = shard_fingerprint(cfg, prompts, 0)
+    assert changed != before and shards.explain_change(before, changed) == \
+        "its input selection/00000 (kept rows) changed since"

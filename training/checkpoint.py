@@ -67,6 +67,7 @@ def save(folder: Path, step: int, model: dict, ema: dict, optimizer: dict, state
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=1))
     for f in tmp.iterdir():  # on disk before the folder appears under its final name
         fsync_path(f)
+    fsync_path(tmp)
     final = folder / f"{PREFIX}{step:08d}"
     if final.exists():
         shutil.rmtree(final)
