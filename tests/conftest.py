@@ -51,6 +51,17 @@ def violations() -> list[str]:
 
 
 @pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """A test that sets torch's thread count in this process (a stage's setup does) leaves it as
+    it found it: in random order, the next test's float results must not depend on who ran first."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def no_packet_leaves_loopback():
     before = len(violations())
     tapir_netguard.ATTEMPTS.clear()

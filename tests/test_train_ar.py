@@ -86,14 +86,22 @@ def test_tapir_sample_draws_a_grid_kv_cached_as_uncached(trained, tmp_path):
 
     run, _, _ = trained
     png = tmp_path / "grid.png"
+    # one intra-op thread on both sides: a sampled token at a near-tie must not flip with the thread
+    # count (earlier in-process tests, in random order, may have changed this process's)
     out = subprocess.run(tapir_cmd("sample", run, "--prompt", "a red circle", "--prompt", "two blue squares",
                                    "--temperature", "1", "--top-k", "16", "--cfg", "3", "--seed", "5",
-                                   "--out", png), capture_output=True, text=True, timeout=300)
+                                   "--out", png), capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     image = np.asarray(Image.open(png).convert("RGB"))
     assert image.shape == (32 + 4, 2 * 32 + 6, 3)  # two 32 px images side by side, make_grid's 2 px padding
-    uncached = sample_run(run, ["a red circle", "two blue squares"], temperature=1, top_k=16, cfg=3, seed=5,
-                          out=tmp_path / "uncached.png", use_cache=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        uncached = sample_run(run, ["a red circle", "two blue squares"], temperature=1, top_k=16, cfg=3, seed=5,
+                              out=tmp_path / "uncached.png", use_cache=False)
+    finally:
+        torch.set_num_threads(threads)
     assert np.array_equal(image, np.asarray(Image.open(uncached).convert("RGB")))
 
 
