@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.shards import fsync_path
+
 PREFIX = "step-"
 
 
@@ -36,14 +38,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) -
         param, name = key.rsplit("::", 1)
         state.setdefault(param, {})[name] = value
     return {"state": state, "param_groups": groups}
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _contiguous(sd: dict) -> dict:
