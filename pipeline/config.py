@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
+from upath import UPath
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline import storage
 from training.config import TrainARConfig, TrainAutoencoderConfig, TrainDiffusionConfig
 
 
@@ -317,57 +319,57 @@ class RunConfig(_Strict):
         return self
 
     @property
-    def raw_dir(self) -> Path:
-        return Path(self.output) / "raw"
+    def raw_dir(self) -> UPath:
+        return storage.path(self.output) / "raw"
 
     @property
-    def score_input(self) -> Path:
-        return Path(self.score.input) if self.score.input else self.raw_dir
+    def score_input(self) -> UPath:
+        return storage.path(self.score.input) if self.score.input else self.raw_dir
 
     @property
-    def scores_dir(self) -> Path:
-        return Path(self.output) / "scores"
+    def scores_dir(self) -> UPath:
+        return storage.path(self.output) / "scores"
 
     @property
-    def selection_dir(self) -> Path:
-        return Path(self.output) / "selection"
+    def selection_dir(self) -> UPath:
+        return storage.path(self.output) / "selection"
 
     @property
-    def captions_dir(self) -> Path:
-        return Path(self.output) / "captions"
+    def captions_dir(self) -> UPath:
+        return storage.path(self.output) / "captions"
 
     @property
-    def shards_dir(self) -> Path:
-        return Path(self.build.output) if self.build.output else Path(self.output) / "shards"
+    def shards_dir(self) -> UPath:
+        return storage.path(self.build.output) if self.build.output else storage.path(self.output) / "shards"
 
     @property
-    def train_shards(self) -> Path:
-        return Path(self.train_diffusion.data.shards) if self.train_diffusion.data.shards else self.shards_dir
+    def train_shards(self) -> UPath:
+        return storage.path(self.train_diffusion.data.shards) if self.train_diffusion.data.shards else self.shards_dir
 
     @property
-    def diffusion_dir(self) -> Path:
-        return Path(self.train_diffusion.output or Path(self.output) / "runs" / "diffusion")
+    def diffusion_dir(self) -> UPath:
+        return storage.path(self.train_diffusion.output or storage.path(self.output) / "runs" / "diffusion")
 
     @property
-    def ar_dir(self) -> Path:
-        return Path(self.train_ar.output or Path(self.output) / "runs" / "ar")
+    def ar_dir(self) -> UPath:
+        return storage.path(self.train_ar.output or storage.path(self.output) / "runs" / "ar")
 
     @property
-    def ar_shards(self) -> Path:
-        return Path(self.train_ar.data.shards) if self.train_ar.data.shards else self.shards_dir
+    def ar_shards(self) -> UPath:
+        return storage.path(self.train_ar.data.shards) if self.train_ar.data.shards else self.shards_dir
 
     @property
-    def autoencoder_dir(self) -> Path:
-        return Path(self.train_autoencoder.output or Path(self.output) / "runs" / "autoencoder")
+    def autoencoder_dir(self) -> UPath:
+        return storage.path(self.train_autoencoder.output or storage.path(self.output) / "runs" / "autoencoder")
 
     @property
-    def autoencoder_shards(self) -> Path:
+    def autoencoder_shards(self) -> UPath:
         """The image shards the autoencoder trains on: data.shards, RUN/shards, or (source 'raw')
         the image-only shards built from raw/ into the run folder."""
         d = self.train_autoencoder.data
         if d.source == "raw":
             return self.autoencoder_dir / "images"
-        return Path(d.shards) if d.shards else self.shards_dir
+        return storage.path(d.shards) if d.shards else self.shards_dir
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -32,30 +32,51 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-SHARD_DIGITS = 5
+from pipeline import storage
 
-
-def shard_name(shard_id: int) -> str:
-    return f"{shard_id:0{SHARD_DIGITS}d}"
+SHARD_DIGITS = 5  # digits of the shard names Tapir writes (img2dataset's default)
+_DIGITS: dict[str, int] = {}  # folder url -> digits of the shard names found there
 
 
-def stats_path(folder: Path, shard_id: int) -> Path:
-    return Path(folder) / f"{shard_name(shard_id)}_stats.json"
+def shard_name(shard_id: int, digits: int = SHARD_DIGITS) -> str:
+    return f"{shard_id:0{digits}d}"
 
 
-def done_shards(folder: Path) -> set[int]:
+def digits(folder) -> int:
+    """Digits of the shard names in ``folder``: read from the names already there (DataComp's
+    img2dataset shards have 8: ``00000000.tar``), else :data:`SHARD_DIGITS`."""
+    key = storage.url(folder)
+    if key not in _DIGITS:
+        for p in storage.path(folder).glob("*_stats.json"):
+            _DIGITS[key] = len(p.name.split("_")[0])
+            break
+        else:
+            return SHARD_DIGITS  # nothing there yet: not cached, a later commit names it
+    return _DIGITS[key]
+
+
+def shard_file(folder, shard_id: int, suffix: str):
+    """``FOLDER/NNNNN<suffix>`` (``.tar``, ``.parquet``, ``_stats.json``), named as the folder names its shards."""
+    return storage.path(folder) / f"{shard_name(shard_id, digits(folder))}{suffix}"
+
+
+def stats_path(folder, shard_id: int):
+    return shard_file(folder, shard_id, "_stats.json")
+
+
+def done_shards(folder) -> set[int]:
     """Shard ids whose completion record exists."""
-    return {int(p.name.split("_")[0]) for p in Path(folder).glob("*_stats.json")}
+    return {int(p.name.split("_")[0]) for p in storage.path(folder).glob("*_stats.json")}
 
 
-def read_stats(folder: Path, shard_id: int) -> dict:
+def read_stats(folder, shard_id: int) -> dict:
     return json.loads(stats_path(folder, shard_id).read_text())
 
 
-def new_staging(folder: Path, shard_id: int) -> Path:
-    path = Path(folder) / "_staging" / f"{shard_name(shard_id)}-{uuid.uuid4().hex[:8]}"
+def new_staging(folder, shard_id: int) -> Path:
+    """A private local folder for one shard's files before its commit (see :func:`storage.staging_root`)."""
+    path = storage.staging_root(folder) / f"{shard_name(shard_id)}-{uuid.uuid4().hex[:8]}"
     path.mkdir(parents=True)
     return path
 
@@ -63,7 +84,7 @@ def new_staging(folder: Path, shard_id: int) -> Path:
 def write_tar(path: Path, samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> None:
     """Write samples (key, {ext: bytes}) as a WebDataset tar: sorted members, fixed metadata,
     so the same samples always give the same bytes."""
-    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with storage.path(path).open("wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, members in samples:
             for ext in sorted(members):
                 data = members[ext]
@@ -103,7 +124,7 @@ def read_tar(path: Path, keys: set[str] | None = None,
     only those in ``keys`` when given (the others are skipped, not read). Unsafe members
     (see :func:`safe_members`) raise :class:`UnsafeTar`."""
     samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, mode="r") as tar:
+    with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r") as tar:
         for member in safe_members(tar, path, max_bytes):
             base = member.name.rsplit("/", 1)[-1]
             key, _, ext = base.partition(".")
@@ -124,12 +145,14 @@ def open_image(data: bytes, formats: tuple[str, ...] = IMAGE_FORMATS):
     return Image.open(io.BytesIO(data), formats=list(formats))
 
 
-def write_parquet(path: Path, table: pa.Table) -> None:
-    pq.write_table(table, path)
+def write_parquet(path, table: pa.Table) -> None:
+    storage.write_parquet(path, table)
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a folder's entries') bytes to disk."""
+def fsync_path(path) -> None:
+    """Flush a file's (or a folder's entries') bytes to disk (nothing to do on an object store)."""
+    if storage.is_remote(path):
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -143,13 +166,18 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``path`` whole or not at all: a unique temp file, fsynced, renamed over it."""
+def atomic_write(path, data: bytes | str) -> None:
+    """Write ``path`` whole or not at all: a unique temp file, fsynced, renamed over it
+    (on an object store: one PUT, which is atomic)."""
+    data = data.encode() if isinstance(data, str) else data
+    if storage.is_remote(path):
+        storage.path(path).write_bytes(data)
+        return
     path = Path(path)
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -158,11 +186,14 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     fsync_path(path.parent)
 
 
-def atomic_write_parquet(path: Path, table: pa.Table) -> None:
+def atomic_write_parquet(path, table: pa.Table) -> None:
+    if storage.is_remote(path):
+        storage.write_parquet(path, table)
+        return
     path = Path(path)
     tmp = temp_name(path)
     try:
-        pq.write_table(table, tmp)
+        storage.write_parquet(tmp, table)
         fsync_path(tmp)
         os.replace(tmp, path)
     finally:
@@ -170,18 +201,23 @@ def atomic_write_parquet(path: Path, table: pa.Table) -> None:
     fsync_path(path.parent)
 
 
-def commit(staging: Path, folder: Path, shard_id: int, files: list[str], stats: dict,
+def commit(staging: Path, folder, shard_id: int, files: list[str], stats: dict,
            fingerprint: dict | None = None) -> None:
     """Move staged files into ``folder`` and write the completion record last.
 
     Data files are fsynced before the rename and the folder after, then the record (with
-    ``fingerprint`` when given) is written and synced the same way."""
-    folder = Path(folder)
-    for name in files:
-        fsync_path(staging / name)
-    for name in files:
-        os.replace(staging / name, folder / name)
-    fsync_path(folder)
+    ``fingerprint`` when given) is written and synced the same way. On an object store the
+    data objects are uploaded under their final names, then the record (no rename there)."""
+    if storage.is_remote(folder):
+        for name in files:
+            storage.upload(staging / name, storage.path(folder) / name)
+    else:
+        folder = Path(folder)
+        for name in files:
+            fsync_path(staging / name)
+        for name in files:
+            os.replace(staging / name, folder / name)
+        fsync_path(folder)
     if fingerprint is not None:
         stats = {**stats, "fingerprint": fingerprint}
     atomic_write(stats_path(folder, shard_id), json.dumps(stats, indent=2, sort_keys=True, default=str))
@@ -265,7 +301,6 @@ def stale_shards(folder: Path, expected, *, redo: bool, stage: str) -> set[int]:
     Without ``redo`` any stale shard raises :class:`StageChanged` naming the change and the
     shards; with ``redo`` their completion records are removed (so they count as not done)
     and their ids returned for the caller to redo."""
-    folder = Path(folder)
     stale: dict[int, str] = {}
     for sid in sorted(done_shards(folder)):
         want = expected(sid)
@@ -286,13 +321,13 @@ def stale_shards(folder: Path, expected, *, redo: bool, stage: str) -> set[int]:
 # -- failures: a shard that could not be made says why ------------------------------------
 
 
-def failed_path(folder: Path, shard_id: int) -> Path:
-    return Path(folder) / f"{shard_name(shard_id)}_failed.json"
+def failed_path(folder, shard_id: int):
+    return shard_file(folder, shard_id, "_failed.json")
 
 
-def record_failure(folder: Path, shard_id: int, stage: str, reason: str) -> None:
+def record_failure(folder, shard_id: int, stage: str, reason: str) -> None:
     """Record on disk that a shard failed and why (removed when the shard later commits)."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    storage.path(folder).mkdir(parents=True, exist_ok=True)
     atomic_write(failed_path(folder, shard_id), json.dumps(
         {"shard": shard_name(shard_id), "stage": stage, "reason": str(reason)[:2000], "time": time.time()},
         indent=2))
@@ -300,7 +335,7 @@ def record_failure(folder: Path, shard_id: int, stage: str, reason: str) -> None
 
 def prune_failures(folder: Path, keep: set[int]) -> None:
     """Remove failure records of shards outside ``keep`` (no longer planned upstream)."""
-    for p in Path(folder).glob("*_failed.json"):
+    for p in storage.path(folder).glob("*_failed.json"):
         if int(p.name.split("_")[0]) not in keep:
             p.unlink(missing_ok=True)
 
@@ -308,7 +343,7 @@ def prune_failures(folder: Path, keep: set[int]) -> None:
 def failed_shards(folder: Path) -> dict[int, str]:
     """{shard id: reason} of shards recorded as failed and not committed since."""
     out = {}
-    for p in Path(folder).glob("*_failed.json"):
+    for p in storage.path(folder).glob("*_failed.json"):
         sid = int(p.name.split("_")[0])
         if not stats_path(folder, sid).exists():
             out[sid] = json.loads(p.read_text()).get("reason", "")
@@ -326,14 +361,23 @@ class RunLock:
     """An exclusive lock on a run folder for the life of a command (``fcntl.flock`` on
     ``RUN/.tapir.lock``; the kernel drops it when the process dies, so no stale locks).
 
-    A second command on the same folder fails at once, naming the holder."""
+    A second command on the same folder fails at once, naming the holder. An object store
+    has no such lock: a run folder there is locked on this machine only (a lock file under
+    the local temporary folder, keyed by the URL); run one command per run URL at a time."""
 
-    def __init__(self, folder: Path, command: str = "tapir"):
-        self.folder, self.command, self.fd = Path(folder), command, None
+    def __init__(self, folder, command: str = "tapir"):
+        self.folder, self.command, self.fd = storage.path(folder), command, None
+
+    def _lock_file(self) -> Path:
+        if not storage.is_remote(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return Path(self.folder) / ".tapir.lock"
+        root = storage.staging_root(self.folder)
+        root.mkdir(parents=True, exist_ok=True)
+        return root.with_name(root.name + ".lock")
 
     def __enter__(self) -> "RunLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / ".tapir.lock"
+        path = self._lock_file()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -356,15 +400,15 @@ class RunLock:
             self.fd = None
 
 
-def clear_staging(folder: Path) -> None:
+def clear_staging(folder) -> None:
     """Remove what killed runs left in staging (never a committed shard)."""
-    shutil.rmtree(Path(folder) / "_staging", ignore_errors=True)
+    shutil.rmtree(storage.staging_root(folder), ignore_errors=True)
 
 
-def read_metadata(folder: Path) -> pa.Table:
+def read_metadata(folder) -> pa.Table:
     """All committed shards' metadata parquet files, concatenated in shard order."""
     ids = sorted(done_shards(folder))
-    tables = [pq.read_table(Path(folder) / f"{shard_name(i)}.parquet") for i in ids]
+    tables = [storage.read_parquet(shard_file(folder, i, ".parquet")) for i in ids]
     if not tables:
         raise FileNotFoundError(f"no completed shards in {folder}")
     return pa.concat_tables(tables, promote_options="default")
