@@ -2,14 +2,16 @@
 
 A scorer is a plain class: ``setup()`` once per worker, then ``__call__(batch)`` returns
 new columns for the batch. A batch is a dict of equal-length lists: ``key``,
-``image`` (decoded RGB PIL images), ``image_bytes`` (the stored file) and ``caption``.
+``image`` (decoded RGB PIL images), ``image_bytes`` (the stored file), ``caption`` and,
+optionally, ``original_size`` ((width, height) of the image as it was downloaded, before
+img2dataset resized it; None where unknown). Column names and types: :mod:`pipeline.schemas`.
 """
 
 from __future__ import annotations
 
 import re
 
-import pyarrow as pa
+from pipeline.schemas import SCORER_SCHEMAS
 
 IMAGE_FILENAME = re.compile(
     r"^\s*[\w\-. ()\[\]]*\.(jpe?g|png|gif|webp|bmp|tiff?|heic)\s*$|^\s*(img|dsc|dscn|pxl|screenshot|image|photo)"
@@ -35,20 +37,22 @@ def junk_alt_score(caption: str | None) -> float:
 
 
 class BasicScorer:
-    """Width, height, shorter side, aspect ratio, file size, caption length, junk alt-text."""
+    """Width, height, shorter side, aspect ratio, file size, caption length, junk alt-text.
+
+    The sizes are the image's original ones (img2dataset's ``original_width`` and
+    ``original_height``, passed as ``original_size``) where known, so a ``min_side`` rule
+    judges the photo that was published, not the copy resized for the shard; else the
+    decoded image's. ``file_size`` is the stored file's."""
 
     name = "basic"
-    schema = pa.schema([
-        ("width", pa.int32()), ("height", pa.int32()), ("min_side", pa.int32()), ("aspect_ratio", pa.float32()),
-        ("file_size", pa.int64()), ("caption_chars", pa.int32()), ("caption_words", pa.int32()),
-        ("junk_alt", pa.float32()),
-    ])
+    schema = SCORER_SCHEMAS["basic"]
 
     def setup(self) -> None:
         pass
 
     def __call__(self, batch: dict) -> dict:
-        sizes = [im.size for im in batch["image"]]
+        original = batch.get("original_size") or [None] * len(batch["image"])
+        sizes = [o if o and o[0] and o[1] else im.size for im, o in zip(batch["image"], original)]
         captions = [c or "" for c in batch["caption"]]
         return {
             "width": [w for w, _ in sizes], "height": [h for _, h in sizes],
@@ -63,7 +67,7 @@ class LanguageScorer:
     """Caption language with py3langid (its model ships inside the wheel)."""
 
     name = "language"
-    schema = pa.schema([("language", pa.string()), ("language_score", pa.float32())])
+    schema = SCORER_SCHEMAS["language"]
 
     def setup(self) -> None:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier  # npz model inside the wheel
@@ -88,7 +92,7 @@ class PhashScorer:
     horizontally flipped copy is found as a near-duplicate too."""
 
     name = "phash"
-    schema = pa.schema([("phash", pa.uint64()), ("phash_mirror", pa.uint64())])
+    schema = SCORER_SCHEMAS["phash"]
 
     def setup(self) -> None:
         pass

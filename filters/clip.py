@@ -17,6 +17,8 @@ import os
 
 import pyarrow as pa
 
+from pipeline.schemas import EMBEDDING, SCORER_SCHEMAS
+
 log = logging.getLogger(__name__)
 
 
@@ -119,6 +121,7 @@ class ClipScorer:
     """Image-caption cosine similarity and the image embedding, batched on one device."""
 
     name = "clip"
+    schema = SCORER_SCHEMAS["clip"]  # after setup: the embedding as a fixed-size list of the model's width
 
     def __init__(self, model: str, pretrained: str | None = None, device: str = "auto", precision: str = "auto"):
         self.model_name, self.pretrained = model, pretrained
@@ -135,7 +138,7 @@ class ClipScorer:
                                        enabled=self.precision == "bf16")
         with torch.no_grad():
             self.dim = int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1])
-        self.schema = pa.schema([("clip_score", pa.float32()), ("clip_embedding", pa.list_(pa.float16(), self.dim))])
+        self.schema = pa.schema([("clip_score", pa.float32()), (EMBEDDING, pa.list_(pa.float16(), self.dim))])
 
     def prepare(self, images):
         """CPU work (resize, crop, normalise): the stage runs it ahead of the model."""
@@ -156,7 +159,7 @@ class ClipScorer:
         img = torch.nn.functional.normalize(img.float(), dim=-1)
         txt = torch.nn.functional.normalize(txt.float(), dim=-1)
         scores = (img * txt).sum(-1)
-        return {"clip_score": scores.cpu().tolist(), "clip_embedding": list(img.half().cpu().numpy())}
+        return {"clip_score": scores.cpu().tolist(), EMBEDDING: list(img.half().cpu().numpy())}
 
 
 TINY_CLIP = {

@@ -1,11 +1,14 @@
 """Selection rules over stored scores (DataComp-style "score, then select").
 
-Rules are strings, applied in order; a dropped row records the first rule it failed.
+Rules are strings, applied in order; a dropped row records the first rule it failed. A rule
+may name any score column or any column of the input's metadata (``raw/NNNNN.parquet``:
+LAION's ``punsafe``, ``pwatermark``, ``similarity``; DataComp's ``clip_l14_similarity_score``).
 
     clip_score >= 0.28            comparison with a number (>=, >, <=, <, ==, !=)
     language in [en, de]          membership (also: not in [...]); strings unquoted or quoted
-    top 30% by clip_score         the top fraction over the WHOLE dataset (all shards), turned
-    bottom 10% by nsfw_score      into a threshold first, as DataComp does
+    top 30% by clip_score         the top fraction of every scored row of the WHOLE dataset (all
+    bottom 10% by nsfw_score      shards), turned into an exact threshold first, as DataComp does
+                                  (:func:`resolve_fractions`; the other rules do not change it)
     not duplicate                 drop rows that duplicate a kept row (any kind)
     not duplicate(exact)          ... of one kind: exact, near or semantic
 
@@ -132,22 +135,125 @@ def parse(texts: list[str], schema: pa.Schema) -> list[Rule]:
     return rules
 
 
-def resolve_fractions(rules: list[Rule], table: pa.Table) -> list[Rule]:
-    """Turn top/bottom fractions into thresholds over the whole table."""
-    out = []
-    for rule in rules:
-        if rule.kind == "top":
-            values = table[rule.column].drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
-            values = values[~np.isnan(values)]  # NaN takes no place: it would sort last and become the threshold
-            if len(values) == 0:
-                threshold = np.inf if rule.op == "top" else -np.inf
-            else:  # the k-th best value, k = ceil(fraction * n): ties at the threshold are kept
-                k = max(1, int(np.ceil(rule.value * len(values) - 1e-9)))
-                ordered = np.sort(values)
-                threshold = float(ordered[-k] if rule.op == "top" else ordered[k - 1])
-            rule = Rule(rule.text, "top", rule.column, rule.op, threshold)
-        out.append(rule)
-    return out
+# -- top/bottom fractions, exact over many shards: a radix select on mergeable histograms --------
+#
+# A float64 maps to a uint64 whose unsigned order is the float order (:func:`order_keys`). The
+# k-th value is found one 16-bit digit at a time: every shard counts, among its keys that share
+# the digits fixed so far, how many fall on each value of the next digit (a sparse histogram of
+# at most 65536 bins); the counts are summed, which fixes the next digit. Four rounds fix all 64
+# bits, so the threshold is the exact k-th value, the same one a sort of every value would give.
+# As soon as at most CANDIDATES keys share the fixed digits, the shards send those keys instead
+# and the next round ends the search. Memory: one shard's column in a worker, 65536 counts (or
+# CANDIDATES keys) per rule in the driver.
+
+DIGIT_BITS = 16
+CANDIDATES = 1 << 16
+_SIGN = np.uint64(1 << 63)
+
+
+@dataclass(frozen=True)
+class Query:
+    """One round of the search for one top/bottom rule: count (or, with ``values``, list) the keys
+    of ``column`` whose first ``level`` digits are ``prefix``."""
+
+    column: str
+    prefix: int = 0
+    level: int = 0
+    values: bool = False
+
+
+def order_keys(col) -> np.ndarray:
+    """The non-null, non-NaN values of a numeric column as uint64 keys in the same order (NaN takes
+    no place: it would sort last and become a threshold)."""
+    values = np.asarray(pc.drop_null(col).to_numpy(zero_copy_only=False), dtype=np.float64)
+    bits = values[~np.isnan(values)].view(np.uint64)
+    return np.where(bits & _SIGN, ~bits, bits | _SIGN)
+
+
+def key_value(key: int) -> float:
+    """The float64 whose :func:`order_keys` key is ``key``."""
+    key = np.uint64(key)
+    bits = key ^ _SIGN if key & _SIGN else ~key
+    return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
+
+
+def summarize(keys: np.ndarray, query: Query) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
+    """One shard's part of a round: (digits, counts) of the next digit among the keys under the
+    prefix (sparse histogram), or, with ``query.values``, those keys sorted."""
+    if query.level:
+        keys = keys[keys >> np.uint64(64 - DIGIT_BITS * query.level) == np.uint64(query.prefix)]
+    if query.values:
+        return np.sort(keys)
+    digits = (keys >> np.uint64(64 - DIGIT_BITS * (query.level + 1))) & np.uint64((1 << DIGIT_BITS) - 1)
+    bins, counts = np.unique(digits.astype(np.int64), return_counts=True)
+    return bins, counts.astype(np.int64)
+
+
+class _Search:
+    """The driver's side of the search for one rule: merges the shards' summaries of a round and
+    fixes the next digit, until the threshold is known."""
+
+    def __init__(self, rule: Rule):
+        self.rule, self.query, self.rank, self.value = rule, Query(rule.column), None, None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.counts, self.keys = np.zeros(1 << DIGIT_BITS, np.int64), []
+
+    def add(self, part) -> None:
+        if self.query.values:
+            self.keys.append(part)
+        else:
+            np.add.at(self.counts, part[0], part[1])
+
+    def advance(self) -> None:
+        q = self.query
+        if q.values:
+            self.value = key_value(int(np.sort(np.concatenate(self.keys))[self.rank]))
+            return
+        counts = self.counts
+        if self.rank is None:  # the first round counted every value: the rank of the k-th best
+            n = int(counts.sum())
+            if n == 0:  # nothing to rank: the rule keeps nothing
+                self.value = np.inf if self.rule.op == "top" else -np.inf
+                return
+            k = max(1, int(np.ceil(self.rule.value * n - 1e-9)))  # ties at the threshold are kept
+            self.rank = n - k if self.rule.op == "top" else k - 1  # 0-based, ascending
+        below = np.cumsum(counts)
+        digit = int(np.searchsorted(below, self.rank, side="right"))
+        self.rank -= int(below[digit - 1]) if digit else 0
+        prefix, level = (q.prefix << DIGIT_BITS) | digit, q.level + 1
+        if level * DIGIT_BITS == 64:
+            self.value = key_value(prefix)
+        else:
+            self.query = Query(q.column, prefix, level, values=bool(counts[digit] <= CANDIDATES))
+        self._reset()
+
+
+def resolve_fractions(rules: list[Rule], run_round) -> list[Rule]:
+    """Turn top/bottom fractions into exact thresholds over the whole dataset.
+
+    ``run_round(queries)`` gets ``{rule index: Query}`` and yields, per shard, ``{rule index:
+    summarize(order_keys(column of the shard's rows), query)}``; the rows are those a fraction is
+    taken of (every scored row: a fraction does not depend on the other rules). A pyarrow table
+    may be passed instead, as one shard. Returns the rules with each fraction replaced by its
+    threshold (the k-th best value, k = ceil(fraction * n) of the n values that are not null or
+    NaN; +-inf when there are none)."""
+    if isinstance(run_round, (pa.Table, pa.RecordBatch)):
+        table = run_round
+
+        def run_round(queries):
+            yield {i: summarize(order_keys(table[q.column]), q) for i, q in queries.items()}
+
+    searches = {i: _Search(r) for i, r in enumerate(rules) if r.kind == "top"}
+    while todo := {i: s.query for i, s in searches.items() if s.value is None}:
+        for part in run_round(todo):
+            for i, summary in part.items():
+                searches[i].add(summary)
+        for i in todo:
+            searches[i].advance()
+    return [Rule(r.text, "top", r.column, r.op, searches[i].value) if i in searches else r
+            for i, r in enumerate(rules)]
 
 
 def apply(rules: list[Rule], table: pa.Table, base_reason: list | None = None) -> tuple[np.ndarray, list]:

@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
+
+from pipeline.schemas import SCORER_SCHEMAS
 
 
 class NsfwScorer:
     name = "nsfw"
-    schema = pa.schema([("nsfw_score", pa.float32())])
+    schema = SCORER_SCHEMAS["nsfw"]
 
     def __init__(self, threads: int | None = 1):
         self.threads = threads
@@ -49,7 +50,7 @@ MIN_CONFIDENCE = 0.8
 
 class OcrScorer:
     name = "ocr"
-    schema = pa.schema([("text_area", pa.float32()), ("text_boxes", pa.int32())])
+    schema = SCORER_SCHEMAS["ocr"]
 
     def __init__(self, max_side: int = 512, min_confidence: float = MIN_CONFIDENCE):
         self.max_side = max_side

@@ -21,78 +21,48 @@ the key):
   scores (unsigned 64-bit ones, pHash, as 16-digit hex strings) and provenance, with the kind
   written as ``txt`` and why it fell back (``txt_fallback``: 'caption failed', 'not captioned').
 
-No member is a pickle. Output shards hold ``build.samples_per_shard`` samples at most
-and are cut earlier when the planned bytes would pass ``build.max_shard_bytes``. The
-plan (which key goes to which shard) is computed from the inputs and the config and
-stored in ``shards/_plan.parquet``; each shard is built by an encoder actor, written
-aside and committed by rename, so a killed build resumes with byte-identical shards. Each
-completion record holds the shard's fingerprint (the build settings, its planned keys, and
-digests of its source shards' selection, captions, scores and metadata): a rerun after a
-change refuses, naming it, or with ``--redo`` rebuilds only the shards it affects. Models
-are checked in the driver before any work (``encoder_infos``).
+No member is a pickle. Output shards hold ``build.samples_per_shard`` samples at most,
+fewer when that many of the largest planned sample would pass ``build.max_shard_bytes``. The
+plan comes from the selection's completion records (kept counts and digests), never from
+a list of keys (:mod:`pipeline.buildplan`): ``shards/_plan.json`` holds one (source shard,
+kept) pair per source, and each encoder actor reads the kept keys of its own output shard's
+sources, builds it, writes it aside and commits it, so a killed build resumes with
+byte-identical shards. Each completion record holds the shard's fingerprint (the build
+settings, its ranges of source rows, and the record digests of its source shards' selection,
+captions, scores and download): a rerun after a change refuses, naming it, or with ``--redo``
+rebuilds only the shards it affects. Models are checked in the driver before any work
+(``encoder_infos``). Paths may be local or fsspec URLs (``s3://``).
 ``shards/manifest.json`` records the encoders' fingerprints, the scaling factors and a
 checksum per shard (``pipeline.manifest``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
 import math
-import tarfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline import shards
+from pipeline import shards, storage
+from pipeline.buildplan import (PLAN_FILE, BuildError, Plan, make_plan, nearest_bucket,  # noqa: F401
+                                planned_rows, sample_bytes)
 from pipeline.config import BuildConfig, ModelLoadError, RunConfig
+from pipeline.schemas import (CAPTION_KINDS, CAPTION_MEMBERS, IMAGE_MEMBERS, PLAN, RAW, RECORD_KEPT_DIGEST,  # noqa
+                              SOURCE, make_buckets, target_sizes)
+
+RAW_KNOWN = set(RAW.names) | {SOURCE, "exif"}  # raw columns the json records by name (or not at all)
 
 log = logging.getLogger(__name__)
-
-CAPTION_KINDS = ("alt_text", "short", "descriptive")
-CAPTION_MEMBERS = {"alt_text": "alt.txt", "short": "short.txt", "descriptive": "descriptive.txt"}
-PLAN = "_plan.parquet"
-PLAN_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.int32()), ("shard", pa.int32()),
-                         ("width", pa.int32()), ("height", pa.int32()), ("est_bytes", pa.int64())])
-NPY_HEADER = 128  # bytes before the data in a .npy member
-TEXT_MEMBERS, TEXT_BYTES = 5, 500  # txt, alt.txt, short.txt, descriptive.txt, json: planned size each
-TAR_END = 10240  # end-of-archive blocks, padded to tarfile's record size
-
-
-class BuildError(ValueError):
-    """The shards folder cannot be built into as asked (mixed plans or encoders)."""
-
-
-def make_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
-    """Aspect-ratio buckets of at most resolution^2 pixels, sides multiples of ``step``
-    (the SDXL / NovelAI recipe): for each width, the tallest height that fits the area."""
-    area, found = resolution * resolution, {(resolution // step * step,) * 2}
-    for w in range(step, int(resolution * max_aspect) + 1, step):
-        h = area // w // step * step
-        if h >= step and max(w / h, h / w) <= max_aspect + 1e-9:
-            found.add((w, h))
-    return sorted(found, key=lambda b: (b[0] / b[1], b[0]))
-
-
-def target_sizes(b: BuildConfig) -> list[tuple[int, int]]:
-    if b.crop == "center":
-        return [(b.resolution, b.resolution)]
-    return [tuple(x) for x in b.buckets] if b.buckets else make_buckets(b.resolution, b.bucket_step, b.max_aspect)
-
-
-def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket closest in log aspect ratio (ties: the larger one)."""
-    ratio = math.log(width / height)
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
-
 
 def encoder_infos(b: BuildConfig) -> dict:
     """Channels, factors and codebook sizes read from the encoders' configs, in the driver before
@@ -118,47 +88,6 @@ def encoder_infos(b: BuildConfig) -> dict:
     return info
 
 
-def _in_tar(n: int) -> int:
-    """Bytes a member of n bytes takes in a tar: a 512-byte header, data padded to 512."""
-    return 512 + -(-n // 512) * 512
-
-
-def sample_bytes(b: BuildConfig, infos: dict, size: tuple[int, int], image_bytes: int) -> int:
-    """Planned bytes of one sample in a tar: the image as downloaded, exact array sizes (the
-    pooled text vector taken as wide as the hidden states), and the text members (4 captions
-    and the json record) at one block each, headers included."""
-    from pipeline.encoders import smallest_uint
-
-    w, h = size
-    item = np.dtype(b.latent_dtype).itemsize
-    arrays = []
-    if "kl" in infos:
-        f, c = infos["kl"]["factor"], infos["kl"]["channels"]
-        arrays += [c * (h // f) * (w // f) * item] * (2 if b.vae.store == "mean_std" else 1)
-    if "vq" in infos:
-        f = infos["vq"]["factor"]
-        arrays.append((h // f) * (w // f) * smallest_uint(infos["vq"]["codebook_size"]).itemsize)
-    arrays *= 2 if b.flip else 1
-    if "text" in infos:
-        dim = infos["text"]["dim"]
-        per_kind = [b.text.max_length * dim * item, b.text.max_length] + ([dim * item] if b.text.pooled else [])
-        arrays += per_kind * len(b.text.captions)
-    total = sum(_in_tar(NPY_HEADER + n) for n in arrays) + TEXT_MEMBERS * _in_tar(TEXT_BYTES)
-    return total + (_in_tar(image_bytes) if b.keep_image else 0)
-
-
-def _member_sizes(tar_path: Path) -> dict[str, int]:
-    """Image bytes per key from the tar headers alone (an unsafe member raises UnsafeTar here,
-    before any work)."""
-    sizes: dict[str, int] = {}
-    with tarfile.open(tar_path) as tar:
-        for m in shards.safe_members(tar, tar_path):
-            key, _, ext = m.name.rsplit("/", 1)[-1].partition(".")
-            if ext in ("jpg", "jpeg", "png", "webp"):
-                sizes[key] = m.size
-    return sizes
-
-
 def check_sizes(b: BuildConfig, infos: dict) -> None:
     """Every target side must be a multiple of each image encoder's downsampling factor, or a
     latent would cover fewer pixels than the stored image."""
@@ -173,81 +102,34 @@ def check_sizes(b: BuildConfig, infos: dict) -> None:
                              f"build.buckets to multiples of {f}")
 
 
-def _source_files(cfg: RunConfig, source: int) -> tuple[Path, Path]:
-    name = shards.shard_name(source)
-    tar, meta = cfg.score_input / f"{name}.tar", cfg.score_input / f"{name}.parquet"
-    for path in (tar, meta):
-        if not path.exists():
-            raise BuildError(f"{path} is missing, but {cfg.selection_dir} keeps rows of shard {name}: "
-                             "was raw/ (or score.input) moved or partly deleted? rerun `tapir download`")
-    return tar, meta
-
-
 def source_digests(cfg: RunConfig, source: int) -> dict[str, str | None]:
-    """Digests of what one source shard gives the build: its selection, captions, scores and
-    metadata parquet files (their bytes) and the raw shard's completion record."""
+    """Digests of what one source shard gives the build, from the completion records written
+    when those shards were committed: the selection's kept keys (``kept_digest``, else its
+    record), the captions, scores and raw (or ``score.input``) records. None: not committed."""
     name = shards.shard_name(source)
-    out: dict[str, str | None] = {}
-    for folder in (cfg.selection_dir, cfg.captions_dir, cfg.scores_dir, cfg.score_input):
-        path = folder / f"{name}.parquet"
-        committed = path.exists() and (folder != cfg.captions_dir or shards.stats_path(folder, source).exists())
-        out[f"{folder.name}/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest() if committed else None
-    out[f"{cfg.score_input.name}/{name}"] = shards.record_digest(cfg.score_input, source)
+    sel = shards.read_stats(cfg.selection_dir, source) if shards.stats_path(cfg.selection_dir, source).exists() else {}
+    out = {f"{cfg.selection_dir.name}/{name}.parquet": sel.get(RECORD_KEPT_DIGEST)
+           or shards.record_digest(cfg.selection_dir, source)}
+    for folder in (cfg.captions_dir, cfg.scores_dir):
+        out[f"{folder.name}/{name}.parquet"] = shards.record_digest(folder, source)
+    out[f"{cfg.score_input.name}/{shards.shard_file(cfg.score_input, source, '').name}"] = shards.record_digest(
+        cfg.score_input, source)
     return out
 
 
 FINGERPRINT_EXCLUDE = ("actors", "decode_threads", "output")  # speed and place, not bytes
 
 
-def shard_fingerprint(cfg: RunConfig, rows: list[dict], digests: dict[int, dict]) -> dict:
+def shard_fingerprint(cfg: RunConfig, slices: list[tuple[int, int, int]], digests: dict[int, dict]) -> dict:
     """What made one output shard (stored in its completion record): every build setting that
-    changes bytes, the keys and sizes planned into it, and the digests of its source shards'
-    inputs (``digests``: source -> :func:`source_digests`). An unplanned shard (``rows`` empty)
-    never matches a recorded one."""
-    plan = json.dumps([[r["key"], r["source"], r["width"], r["height"]] for r in rows]).encode()
-    upstream = {"plan": hashlib.sha256(plan).hexdigest() if rows else None}
-    for source in sorted({r["source"] for r in rows}):
+    changes bytes, the ranges of its sources' kept rows it holds (``slices``: (source, start,
+    stop), :meth:`Plan.slices`) and the digests of those sources (``digests``: source ->
+    :func:`source_digests`). An unplanned shard (``slices`` empty) never matches a recorded one."""
+    plan = json.dumps([list(x) for x in slices]).encode()
+    upstream = {"plan": hashlib.sha256(plan).hexdigest() if slices else None}
+    for source in sorted({x[0] for x in slices}):
         upstream.update(digests[source])
     return shards.fingerprint(shards.settings_of(cfg.build, "build", FINGERPRINT_EXCLUDE), upstream)
-
-
-def make_plan(cfg: RunConfig, infos: dict) -> tuple[pa.Table, dict[int, dict]]:
-    """Which kept row goes to which output shard, in (source shard, key) order; a new shard
-    starts at ``samples_per_shard`` samples or when the planned bytes would pass the cap.
-    Also returns each planned source's :func:`source_digests`, so a resumed build notices
-    which shards' inputs changed."""
-    b, sizes_allowed = cfg.build, target_sizes(cfg.build)
-    square = nearest_bucket(1, 1, sizes_allowed)
-    rows = {name: [] for name in PLAN_SCHEMA.names}
-    digests: dict[int, dict] = {}
-    shard, count, nbytes = 0, 0, 0
-    for source in sorted(shards.done_shards(cfg.selection_dir)):
-        name = shards.shard_name(source)
-        sel = pq.read_table(cfg.selection_dir / f"{name}.parquet", columns=["key", "keep"])
-        keep = sorted(sel.filter(pc.equal(sel["keep"], True))["key"].to_pylist())
-        if not keep:
-            continue
-        tar, meta_path = _source_files(cfg, source)
-        digests[source] = source_digests(cfg, source)
-        names = pq.read_schema(meta_path).names
-        dims: dict = {}
-        if "width" in names and "height" in names:
-            meta = pq.read_table(meta_path, columns=["key", "width", "height"])
-            dims = dict(zip(meta["key"].to_pylist(), zip(meta["width"].to_pylist(), meta["height"].to_pylist())))
-        image_sizes = _member_sizes(tar)
-        for key in keep:
-            w, h = dims.get(key, (None, None))
-            size = nearest_bucket(w, h, sizes_allowed) if w and h else square  # unknown size: the squarest
-            image = image_sizes.get(key, 0)
-            if w and h:  # the stored image is the crop at the training size: scale the download's bytes
-                image = int(image * size[0] * size[1] / (w * h))
-            est = sample_bytes(b, infos, size, image)
-            if count and (count >= b.samples_per_shard or nbytes + est + TAR_END > b.max_shard_bytes):
-                shard, count, nbytes = shard + 1, 0, 0
-            for col, v in zip(PLAN_SCHEMA.names, (key, source, shard, size[0], size[1], est)):
-                rows[col].append(v)
-            count, nbytes = count + 1, nbytes + est
-    return pa.table(rows, schema=PLAN_SCHEMA), digests
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -267,13 +149,18 @@ def _scalar_columns(table: pa.Table) -> list[str]:
         or pa.types.is_string(f.type))]
 
 
-def _rows_by_key(path: Path, columns: list[str] | None = None) -> dict[str, dict]:
-    """{key: row} of a parquet file (its scalar columns unless ``columns`` is given). Unsigned
-    64-bit values (pHash) become 16-digit lowercase hex strings: half of them pass 2**63, and
-    readers that type JSON numbers as int64 (Hugging Face datasets, pyarrow, pandas) overflow."""
+def _rows_by_key(path, keys: set[str], columns: list[str] | None = None) -> dict[str, dict]:
+    """{key: row} of a parquet file's rows in ``keys`` (its scalar columns unless ``columns``
+    is given). Unsigned 64-bit values (pHash) become 16-digit lowercase hex strings: half of them
+    pass 2**63, and readers that type JSON numbers as int64 (Hugging Face datasets, pyarrow,
+    pandas) overflow."""
+    path = storage.path(path)
     if not path.exists():
         return {}
-    table = pq.read_table(path)
+    names = storage.read_schema(path).names
+    wanted = ["key"] + [c for c in (columns if columns is not None else names) if c in names and c != "key"]
+    table = storage.read_parquet(path, columns=wanted)
+    table = table.filter(pc.is_in(table["key"], pa.array(sorted(keys), pa.string())))
     keep = ["key"] + (columns if columns is not None else _scalar_columns(table))
     table = table.select([c for c in keep if c in table.column_names])
     hexed = [f.name for f in table.schema if pa.types.is_uint64(f.type)]
@@ -290,6 +177,7 @@ class BuildShard:
 
     config: dict
     expect: dict | None = None  # encoder fingerprints of shards already committed
+    infos: dict | None = None  # encoder_infos(build): the planned sizes of samples
 
     def setup(self) -> None:
         from pipeline.encoders import Encoders
@@ -307,25 +195,38 @@ class BuildShard:
         self.encoders.setup()
         self.setup_seconds = time.time() - start
 
+    def _planned(self, shard_id: int) -> list[dict]:
+        """This output shard's rows, read here from its sources (the plan holds only counts)."""
+        if getattr(self, "plan", None) is None:
+            self.plan = Plan.load(self.cfg.shards_dir)
+            self.source_rows = (None, [])
+        rows = []
+        for source, start, stop in self.plan.slices(shard_id):
+            if self.source_rows[0] != source:  # consecutive shards share a source: read it once
+                self.source_rows = (source, planned_rows(self.cfg, self.infos or {}, source))
+            part = self.source_rows[1][start:stop]
+            if len(part) != stop - start:
+                raise BuildError(f"source shard {shards.shard_name(source)} keeps {len(self.source_rows[1])} rows, "
+                                 f"the plan expects at least {stop}: the selection changed while building")
+            rows += part
+        return rows
+
     def _load_rows(self, plan: list[dict]) -> list[dict]:
         """Join each planned key with its image bytes, metadata, selection, captions and scores."""
         cfg, rows = self.cfg, []
         for source in sorted({p["source"] for p in plan}):
-            name = shards.shard_name(source)
             wanted = {p["key"] for p in plan if p["source"] == source}
-            members = shards.read_tar(cfg.score_input / f"{name}.tar", keys=wanted)
-            meta = _rows_by_key(cfg.score_input / f"{name}.parquet",
-                                ["url", "caption", "width", "height", "original_width", "original_height"])
-            caps = _rows_by_key(cfg.captions_dir / f"{name}.parquet",  # committed captions only
+            members = shards.read_tar(shards.shard_file(cfg.score_input, source, ".tar"), keys=wanted)
+            meta = _rows_by_key(shards.shard_file(cfg.score_input, source, ".parquet"), wanted)
+            caps = _rows_by_key(shards.shard_file(cfg.captions_dir, source, ".parquet"), wanted,  # committed only
                                 ["descriptive", "short", "status", "reason", "model", "prompt_descriptive",
                                  "prompt_short"]) if shards.stats_path(cfg.captions_dir, source).exists() else {}
-            scores = _rows_by_key(cfg.scores_dir / f"{name}.parquet")
+            scores = _rows_by_key(shards.shard_file(cfg.scores_dir, source, ".parquet"), wanted)
             for p in plan:
                 if p["source"] != source:
                     continue
                 key = p["key"]
-                image = next((members.get(key, {}).get(e) for e in ("jpg", "jpeg", "png", "webp")
-                              if e in members.get(key, {})), None)
+                image = next((members.get(key, {}).get(e) for e in IMAGE_MEMBERS if e in members.get(key, {})), None)
                 rows.append({**p, "image": image, "meta": meta.get(key, {}), "captions": caps.get(key),
                              "scores": scores.get(key, {})})
         order = {p["key"]: i for i, p in enumerate(plan)}
@@ -390,10 +291,10 @@ class BuildShard:
                     f"{self.cfg.shards_dir} holds shards encoded by {kind} {info['model']} (fingerprint "
                     f"{info['fingerprint'][:12]}), this build's {kind} encoder has fingerprint "
                     f"{(mine or 'none')[:12]}; remove the folder to rebuild with the new encoder")
-        plan = pq.read_table(self.cfg.shards_dir / PLAN, filters=[("shard", "=", shard_id)]).to_pylist()
+        plan = self._planned(shard_id)
+        slices = self.plan.slices(shard_id)
         # the inputs as this actor reads them: a change after planning shows on the next run
-        fingerprint = shard_fingerprint(self.cfg, plan, {s: source_digests(self.cfg, s)
-                                                         for s in {p["source"] for p in plan}})
+        fingerprint = shard_fingerprint(self.cfg, slices, {s: source_digests(self.cfg, s) for s, _, _ in slices})
         rows = self._load_rows(plan)
         timing = {"read": time.time() - start, "wait_images": 0.0, "encode": 0.0}
         failed: dict[str, str] = {}
@@ -453,9 +354,12 @@ class BuildShard:
             if fallback:
                 fallbacks[fallback] = fallbacks.get(fallback, 0) + 1
             c = row["captions"] or {}
-            record = {"key": key, "url": row["meta"].get("url"), "source_shard": row["source"],
+            meta = row["meta"]
+            record = {"key": key, "url": meta.get("url"), "source_shard": row["source"],
+                      "source": meta.get(SOURCE),  # the input the row came from
+                      "input": {k: _json_safe(v) for k, v in sorted(meta.items()) if k not in RAW_KNOWN} or None,
                       "size": [row["width"], row["height"]],
-                      "original_size": [row["meta"].get("original_width"), row["meta"].get("original_height")],
+                      "original_size": [meta.get("original_width"), meta.get("original_height")],
                       "flip": b.flip, "txt": kind, "txt_fallback": fallback,
                       "text_emb": {k: bool(caps[k]) for k in b.text.captions} if b.text.model else None,
                       "captions": {"status": c.get("status"), "model": c.get("model"),
@@ -479,6 +383,7 @@ class BuildShard:
             files.append(f"{name}.tar")
         data = (staging / f"{name}.tar").read_bytes() if samples else b""
         stats = {"count": len(samples), "planned": len(rows), "failed": failed, "bytes": len(data),
+                 "planned_bytes": sum(r["est_bytes"] for r in rows),
                  "sha256": hashlib.sha256(data).hexdigest() if samples else None, "buckets": buckets,
                  "members": sorted({m for _, ms in samples for m in ms}), "encoders": self.encoders.info,
                  "captions": {"txt": used, "fallback": fallbacks},
@@ -487,30 +392,34 @@ class BuildShard:
         return stats
 
 
-def _write_plan(out: Path, plan: pa.Table) -> None:
-    """Store the plan the actors read (``_plan.parquet``) and its totals (``_plan.json``)."""
-    shards.atomic_write_parquet(out / PLAN, plan)
-    shards.atomic_write(out / "_plan.json", json.dumps({"shards": _planned(plan), "samples": plan.num_rows}))
+def _write_plan(out, plan: Plan) -> None:
+    """Store the plan the actors read (``_plan.json``: counts per source shard, no key)."""
+    shards.atomic_write(storage.path(out) / PLAN_FILE, plan.to_json())
+    old = storage.path(out) / PLAN  # the key-per-row plan of older builds
+    if old.exists():
+        old.unlink()
 
 
-def _check_done(cfg: RunConfig, plan: pa.Table, digests: dict[int, dict]) -> set[int]:
+def _digests(cfg: RunConfig):
+    """source -> :func:`source_digests`, read from the records once per source, a few at a time."""
+    return functools.lru_cache(maxsize=4096)(lambda source: source_digests(cfg, source))
+
+
+def _check_done(cfg: RunConfig, plan: Plan, digests) -> set[int]:
     """Committed shards whose fingerprint is not what this run would make (a changed setting,
     selection, caption, score or download): refused naming the change (StageChanged), or with
     ``--redo`` removed, with their tars, to be built again; the others are kept as they are."""
-    by_shard: dict[int, list[dict]] = {}
-    for row in plan.to_pylist():
-        by_shard.setdefault(row["shard"], []).append(row)
     out = cfg.shards_dir
-    stale = shards.stale_shards(out, lambda sid: shard_fingerprint(cfg, by_shard.get(sid, []), digests),
-                                redo=cfg.redo, stage="build")
+
+    def expected(sid: int) -> dict:
+        slices = plan.slices(sid) if sid < plan.shards else []
+        return shard_fingerprint(cfg, slices, {s: digests(s) for s, _, _ in slices})
+
+    stale = shards.stale_shards(out, expected, redo=cfg.redo, stage="build")
     for sid in stale:  # a redone shard whose rows all fail writes no tar: the old one must not stay
-        (out / f"{shards.shard_name(sid)}.tar").unlink(missing_ok=True)
-    shards.prune_failures(out, set(by_shard))  # failure records of shards no longer planned
+        shards.shard_file(out, sid, ".tar").unlink(missing_ok=True)
+    shards.prune_failures(out, set(range(plan.shards)))  # failure records of shards no longer planned
     return stale
-
-
-def _planned(plan: pa.Table) -> int:
-    return int(pc.max(plan["shard"]).as_py()) + 1 if plan.num_rows else 0
 
 
 def build(cfg: RunConfig) -> dict:
@@ -522,40 +431,41 @@ def build(cfg: RunConfig) -> dict:
     infos = encoder_infos(cfg.build)  # the preflight: a model that cannot load stops here, before any work
     check_sizes(cfg.build, infos)
     if not shards.done_shards(cfg.selection_dir):
-        raise FileNotFoundError(f"no selection in {cfg.selection_dir}; run `tapir select` first")
+        raise FileNotFoundError(f"no selection in {storage.url(cfg.selection_dir)}; run `tapir select` first")
     from pipeline.select import check_selection
 
     summary = check_selection(cfg)  # a whole selection, made with these rules from the current scores
     out = cfg.shards_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
     shards.clear_staging(out)
-    plan, digests = make_plan(cfg, infos)
+    digests = _digests(cfg)
+    plan = make_plan(cfg, infos, digests)
     redone = _check_done(cfg, plan, digests)
     if redone:
         log.info("redoing %d shard(s) whose settings or inputs changed (--redo)", len(redone))
     _write_plan(out, plan)
-    todo = sorted(set(range(_planned(plan))) - shards.done_shards(out))
-    done = sorted(shards.done_shards(out))
-    expect = shards.read_stats(out, done[0])["encoders"] if done else None
-    counts = dict(zip(*np.unique(plan["shard"].to_numpy(), return_counts=True))) if plan.num_rows else {}
+    done = shards.done_shards(out)
+    todo = [sid for sid in range(plan.shards) if sid not in done]
+    expect = shards.read_stats(out, min(done))["encoders"] if done else None
     failures = {}
     if todo:
         ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
-        gpus = cfg.resources.gpus_per_actor
-        if gpus is None:
-            gpus = 1.0 if infos and ray_backend.cluster_gpus() >= 1 else 0.0
-        actors = cfg.build.actors or (int(ray_backend.cluster_gpus() / gpus) if gpus else
-                                      max(1, int(ray_backend.cluster_cpus() / cfg.resources.cpus_per_actor)))
+        # no encoder (images and captions only): the actors need no GPU
+        resources = ray_backend.actor_resources(cfg.resources.build, http_only=not infos, actors=cfg.build.actors)
+        metrics = ray_backend.StageMetrics(out, "build", summarize=lambda st: {
+            "rows": st["planned"], "ok": st["count"],
+            "errors": Counter(r.split(":")[0] for r in st["failed"].values())})
         for sid, result, _ in ray_backend.run_actor_pool(
-                BuildShard(cfg.model_dump(), expect), todo, desc="build", actors=actors,
-                num_cpus=cfg.resources.cpus_per_actor, num_gpus=gpus, weight=lambda s: int(counts[s]), unit="img"):
+                BuildShard(cfg.model_dump(), expect, infos), todo, desc="build", weight=plan.count, unit="img",
+                metrics=metrics, **resources):
             if isinstance(result, Exception):
                 failures[sid] = result
                 shards.record_failure(out, sid, "build", f"{type(result).__name__}: {result}")
                 log.error("building shard %s failed: %s (rerun to retry it)", sid, result)
-    manifest.write(out, cfg.build, _planned(plan))
+    manifest.write(out, cfg.build, plan.shards)
     shards.clear_staging(out)
-    funnel = build_funnel(Path(cfg.output), out)
+    funnel = build_funnel(cfg.output, out)
     if failures:
         funnel["failed_shards"] = {str(k): str(v)[:500] for k, v in failures.items()}
     if summary.get("unscored_shards"):  # a hole upstream: every later stage says so and exits non-zero

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 import yaml
 from upath import UPath
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline import storage
 from training.config import TrainARConfig, TrainAutoencoderConfig, TrainDiffusionConfig
@@ -44,7 +44,12 @@ PRESETS = {
 
 
 class InputConfig(_Strict):
-    path: str = Field(description="URL list: a file or a folder of files (parquet, csv, tsv, jsonl, txt).")
+    path: str | list[str] = Field(
+        description="URL list: files, folders of files or glob patterns (parquet, csv, tsv, jsonl, txt; csv, tsv, "
+        "jsonl and txt also .gz, .bz2 or .zst), local or URLs (s3://...); one or a list. Read lazily.")
+    name: Optional[str] = Field(None, description="The source tag of this input's rows (raw/ column `source`, "
+                                "carried to the training sample's json); null: 'input'. Required, and distinct, "
+                                "when `input` is a list of inputs.")
     format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"] = Field(
         "auto", description="Input format; 'auto' takes it from the file extension; 'txt': one URL per line.")
     preset: Optional[Literal["laion", "cc3m", "datacomp"]] = Field(
@@ -59,6 +64,17 @@ class InputConfig(_Strict):
     def columns(self) -> tuple[str, Optional[str]]:
         url, cap = PRESETS.get(self.preset or "", ("url", "caption"))
         return self.url_col or url, cap if self.caption_col == "auto" else self.caption_col
+
+
+def _named_inputs(inputs: list[InputConfig]) -> list[InputConfig]:
+    names = [i.name for i in inputs]
+    if not inputs:
+        raise ValueError("input: an empty list of inputs")
+    if None in names:
+        raise ValueError("input: every input of a list needs a name (its rows' source tag)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"input: names must be distinct, got {names}")
+    return inputs
 
 
 class FetchConfig(_Strict):
@@ -100,6 +116,21 @@ class DownloadConfig(_Strict):
         ["noai", "noimageai", "noindex", "noimageindex"],
         description="X-Robots-Tag directives that opt an image out.")
     fetch: FetchConfig = Field(default_factory=FetchConfig, description="Hardened fetch settings.")
+    shard_digits: int = Field(5, ge=1, le=12, description="Digits of raw/ shard names and key prefixes "
+                              "(img2dataset's default 5; DataComp's shards have 8).")
+    blur_bbox_col: Optional[str] = Field(None, description="Input column of face boxes to blur before the image is "
+                                         "stored ([x0, y0, x1, y1] relative; DataComp: face_bboxes); null: none. "
+                                         "Inputs without the column are not blurred.")
+    verify_hash: bool = Field(True, description="When the input has a column named as compute_hash (DataComp's "
+                              "sha256; kept as input_sha256), a row whose downloaded bytes differ fails with "
+                              "error_reason hash_mismatch.")
+    limit: Optional[int] = Field(None, gt=0, description="Plan at most this many input rows in raw/ (a trial run, "
+                                 "`--limit`); a later run with a larger or no limit continues after them.")
+    max_shards: Optional[int] = Field(None, gt=0, description="Plan at most this many shards in raw/ "
+                                      "(`--max-shards`); a later run continues after them.")
+    extend: bool = Field(False, description="Download only rows added to the inputs since the last run (new files, "
+                         "rows appended to a file) as new shards after the existing ones (`--extend`); without it "
+                         "a changed input is refused unless --redo.")
 
 
 class ClipConfig(_Strict):
@@ -111,13 +142,29 @@ class ClipConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="'auto': bf16 on GPU, fp32 on CPU.")
 
 
+class AestheticConfig(_Strict):
+    weights: Optional[str] = Field(
+        None, description="Aesthetic head over the stored CLIP image embeddings, a path or URL (.safetensors, or "
+        ".pth read without pickle): LAION's improved aesthetic predictor MLP or its linear head, told apart by "
+        "the weights' keys; adds aesthetic_score. null: off.")
+
+
 class DedupConfig(_Strict):
     exact: bool = Field(True, description="Group identical downloads (same sha256).")
     near: bool = Field(True, description="Group near-duplicates by perceptual hash (needs the phash scorer).")
-    near_max_distance: int = Field(4, ge=0, le=16, description="Largest phash Hamming distance, bits.")
+    near_max_distance: int = Field(4, ge=0, le=16, description="Largest phash Hamming distance, bits (4: "
+                                   "recompressed and mirrored copies; about 8 also finds crops of 2-3%).")
     semantic: bool = Field(True, description="SemDeDup on CLIP image embeddings (needs the clip scorer).")
     semantic_threshold: float = Field(0.95, gt=0, le=1, description="Cosine above which two images are duplicates.")
-    cluster_size: int = Field(2000, gt=1, description="Average k-means cluster size for semantic dedup.")
+    cluster_size: int = Field(2000, gt=1, description="Average k-means cluster size for semantic dedup: "
+                              "k = ceil(embedded rows / cluster_size) clusters, pairwise cosine within each.")
+    kmeans_points_per_centroid: int = Field(64, gt=0, description="k-means is fitted on a sample of this many "
+                                            "embeddings per centroid (so it grows with the data), drawn per shard.")
+    kmeans_max_sample: int = Field(4_000_000, gt=1, description="Cap on the k-means sample (it is held by one "
+                                   "task): past it, fewer centroids are fitted and clusters grow beyond cluster_size.")
+    kmeans_iterations: int = Field(20, gt=0, description="k-means iterations (faiss, on a GPU when faiss sees one).")
+    partition_rows: int = Field(500_000, gt=0, description="Hash records per partition of the distributed "
+                                "group-by (one task each): bounds a task's memory; changes speed, not results.")
 
 
 SCORERS = ("basic", "language", "phash", "clip", "nsfw", "ocr")
@@ -135,6 +182,8 @@ class ScoreConfig(_Strict):
                                       "text_boxes only when their recognised text scores at least this "
                                       "(0: every detected box, as detection alone).")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Duplicate groups over the whole dataset.")
+    aesthetic: AestheticConfig = Field(default_factory=AestheticConfig, description="The aesthetic score (needs "
+                                       "the clip scorer).")
 
     @model_validator(mode="after")
     def _check(self):
@@ -144,7 +193,15 @@ class ScoreConfig(_Strict):
             raise ValueError("score.dedup.near needs the phash scorer in score.scorers")
         if self.dedup.semantic and "clip" not in self.scorers:
             raise ValueError("score.dedup.semantic needs the clip scorer in score.scorers")
+        if self.aesthetic.weights and "clip" not in self.scorers:
+            raise ValueError("score.aesthetic.weights needs the clip scorer in score.scorers (it reads its embeddings)")
         return self
+
+    @property
+    def outputs(self) -> list[str]:
+        """The score column groups this config writes (keys of ``pipeline.schemas.SCORER_SCHEMAS``):
+        the scorers, then ``aesthetic`` when its weights are set."""
+        return list(self.scorers) + (["aesthetic"] if self.aesthetic.weights else [])
 
 
 class SelectConfig(_Strict):
@@ -285,19 +342,70 @@ class BuildConfig(_Strict):
         return self
 
 
+class ActorResources(_Strict):
+    actors: Optional[int] = Field(None, gt=0, description="Actors in the stage's pool (null: as many as the "
+                                  "cluster's GPUs (or CPUs, without GPUs) hold at the sizes below).")
+    gpus_per_actor: Optional[float] = Field(None, ge=0, description="GPUs per actor, fractions share a GPU "
+                                            "(null: 1 when the cluster has GPUs, else 0; HTTP-only actors: 0).")
+    cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per actor.")
+    max_retries: int = Field(2, ge=0, description="Times a shard is retried on a new actor after its actor "
+                             "died (process or node lost); then it is recorded as failed with the reason.")
+
+
+class TaskResources(_Strict):
+    tasks: Optional[int] = Field(None, gt=0, description="Shard tasks in flight (null: one per CPU of the cluster).")
+    cpus_per_task: float = Field(1, gt=0, description="CPUs reserved per shard task.")
+    max_retries: int = Field(2, ge=0, description="Times a shard task lost with its worker or node is resubmitted; "
+                             "then it is recorded as failed with the reason.")
+
+
+_LEGACY_RESOURCES = {  # older global key: (stages whose unset key it fills, that key)
+    "download_tasks": (("download",), "tasks"),
+    "gpus_per_actor": (("score", "recaption", "build"), "gpus_per_actor"),
+    "cpus_per_actor": (("score", "recaption", "build"), "cpus_per_actor"),
+}
+
+
 class ResourcesConfig(_Strict):
     ray_address: Optional[str] = Field(None, description="Existing Ray cluster ('auto', 'HOST:PORT'); "
                                        "null starts Ray in-process on this machine.")
     num_cpus: Optional[int] = Field(None, gt=0, description="CPUs for the embedded local Ray (null: all).")
-    download_tasks: Optional[int] = Field(None, gt=0, description="Shard tasks in flight (null: one per CPU).")
-    gpus_per_actor: Optional[float] = Field(None, ge=0, description="GPUs per model actor (null: 1 when "
-                                            "the cluster has GPUs, else 0).")
-    cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per model actor.")
+    download: TaskResources = Field(default_factory=TaskResources, description="Download shard tasks.")
+    score: ActorResources = Field(default_factory=ActorResources, description="Score model actors (CPU-only "
+                                  "scorers run as tasks of cpus_per_actor CPUs).")
+    recaption: ActorResources = Field(default_factory=ActorResources, description="Captioner actors (the "
+                                      "openai backend's actors reserve no GPU).")
+    build: ActorResources = Field(default_factory=ActorResources, description="Encoder actors.")
+    download_tasks: Optional[int] = Field(None, gt=0, description="Older name of resources.download.tasks.")
+    gpus_per_actor: Optional[float] = Field(None, ge=0, description="Default gpus_per_actor of every actor stage "
+                                            "(older configs; resources.STAGE.gpus_per_actor wins).")
+    cpus_per_actor: float = Field(1, gt=0, description="Default cpus_per_actor of every actor stage "
+                                  "(older configs; resources.STAGE.cpus_per_actor wins).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_defaults(cls, data):
+        """The older global keys fill the per-stage sections' unset keys."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, (stages, key) in _LEGACY_RESOURCES.items():
+            if data.get(old) is None:
+                continue
+            for stage in stages:
+                section = data.get(stage)
+                section = dict(section) if isinstance(section, dict) else \
+                    (section.model_dump(exclude_unset=True) if isinstance(section, BaseModel) else {})
+                section.setdefault(key, data[old])
+                data[stage] = section
+        return data
 
 
 class RunConfig(_Strict):
     output: str = Field(description="Run folder; each stage writes a subfolder (raw/, ...).")
-    input: Optional[InputConfig] = Field(None, description="The URL list and its columns (required by download).")
+    input: Optional[InputConfig | typing.Annotated[list[InputConfig], AfterValidator(_named_inputs)]] = Field(
+        None, description="The URL list and its columns (required by download); a list of such sections, each "
+        "with a name, mixes several inputs in one run.")
     download: DownloadConfig = Field(default_factory=DownloadConfig, description="The download stage.")
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="The score stage.")
     select: SelectConfig = Field(default_factory=SelectConfig, description="The select stage.")

@@ -15,20 +15,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import sys
 import tarfile
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from pipeline import shards
+from pipeline import shards, storage
+from pipeline.schemas import JSON_UINT64, MANIFEST, MANIFEST_FORMAT, target_sizes
 
-FORMAT = "tapir-shards/1"
-NAME = "manifest.json"
-# how the json member stores unsigned 64-bit values (scores.phash, scores.phash_mirror): as JSON
-# numbers half of them pass 2**63, and readers that type them int64 (Hugging Face datasets) overflow
-JSON_UINT64 = "16-digit lowercase hex string: int(value, 16)"
+FORMAT, NAME = MANIFEST_FORMAT, MANIFEST
 
 
 class FingerprintMismatch(ValueError):
@@ -42,11 +44,10 @@ def _version() -> str:
         return "unknown"
 
 
-def write(folder: Path, build, planned: int) -> dict:
-    """Gather the committed shards' records into ``manifest.json`` (written aside, renamed)."""
-    from pipeline.build import target_sizes
-
-    folder = Path(folder)
+def write(folder, build, planned: int) -> dict:
+    """Gather the committed shards' records into ``manifest.json`` (written aside, renamed; one PUT
+    on an object store). Holds one small entry per shard, never a row."""
+    folder = storage.path(folder)
     done = sorted(shards.done_shards(folder))
     stats = {sid: shards.read_stats(folder, sid) for sid in done}
     encoders: dict = {}
@@ -96,8 +97,8 @@ def write(folder: Path, build, planned: int) -> dict:
     return data
 
 
-def load(folder: Path) -> dict:
-    path = Path(folder) / NAME
+def load(folder) -> dict:
+    path = storage.path(folder) / NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a tapir shards folder (run `tapir build`)")
     data = json.loads(path.read_text())
@@ -210,20 +211,22 @@ def _check_sample(key: str, members: dict[str, bytes], data: dict) -> list[str]:
     return faults
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def verify_shard(path: Path, entry: dict, data: dict, seen: dict[str, str] | None = None) -> list[str]:
+def verify_shard(path, entry: dict, data: dict, keys: list[str] | None = None) -> list[str]:
     """Faults of one tar: size, checksum, tar structure, member names, counts, array shapes.
+    The keys of its samples are appended to ``keys`` when given (for the duplicate check).
 
     The tar may come from anywhere: members are checked before a byte of them is read
     (:func:`pipeline.shards.safe_members`: no sparse member, link or device, none larger than
     the file itself), and samples are checked one at a time, so memory stays one sample."""
+    path = storage.path(path)
     name, faults = path.name, []
     if not path.exists():
         return [f"{name}: missing"]
@@ -241,13 +244,11 @@ def verify_shard(path: Path, entry: dict, data: dict, seen: dict[str, str] | Non
             return
         faults.extend(f"{name}: {f}" for f in _check_sample(key, members, data))
         done.add(key)
-        if seen is not None:
-            if key in seen:
-                faults.append(f"{name}: sample {key} also in {seen[key]}")
-            seen.setdefault(key, name)
+        if keys is not None:
+            keys.append(key)
 
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             # no member of a shard can be larger than the shard itself
             for m in shards.safe_members(tar, name, max_bytes=min(shards.MAX_MEMBER_BYTES, size)):
                 k, _, ext = m.name.partition(".")
@@ -276,11 +277,72 @@ def verify_shard(path: Path, entry: dict, data: dict, seen: dict[str, str] | Non
     return faults
 
 
-def verify(folder: Path, progress: bool = True) -> tuple[list[str], dict]:
-    """Every fault found in a shards folder, and a summary."""
-    from tqdm import tqdm
+def _partition(key: str, parts: int) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") % parts
 
-    folder = Path(folder)
+
+def _verify_task(item: tuple) -> list[str]:
+    """One shard (a Ray task): its faults; its keys written, hash-partitioned, to
+    ``SCRATCH/NNNNN.parquet`` (one row group per partition) for the duplicate check."""
+    folder, index, entry, data, scratch, parts = item
+    keys: list[str] = []
+    faults = verify_shard(storage.path(folder) / entry["name"], entry, data, keys)
+    part = [_partition(k, parts) for k in keys]
+    table = pa.table({"part": pa.array(part, pa.int32()), "key": pa.array(keys, pa.string())}).sort_by(
+        [("part", "ascending"), ("key", "ascending")])
+    with storage.path(scratch).joinpath(f"{index:08d}.parquet").open("wb") as f:
+        pq.write_table(table.append_column("shard", pa.array([entry["name"]] * table.num_rows, pa.string())), f,
+                       row_group_size=max(1, table.num_rows))
+    return faults
+
+
+def _duplicates_task(item: tuple) -> list[str]:
+    """One hash partition of every shard's keys (a Ray task): a key in two samples is a fault.
+    Memory: the keys of one partition."""
+    scratch, part, names = item
+    tables = []
+    for i in range(len(names)):
+        path = storage.path(scratch) / f"{i:08d}.parquet"
+        if path.exists():
+            tables.append(storage.read_parquet(path, filters=[("part", "=", part)], columns=["key", "shard"]))
+    if not tables:
+        return []
+    keys = pa.concat_tables(tables)
+    counts = keys.group_by("key").aggregate([("key", "count")])
+    twice = counts.filter(pc.greater(counts["key_count"], 1))["key"]
+    if not len(twice):
+        return []
+    found = keys.filter(pc.is_in(keys["key"], twice)).to_pylist()
+    where: dict[str, list[str]] = {}
+    for r in found:
+        where.setdefault(r["key"], []).append(r["shard"])
+    return [f"{ws[j]}: sample {k} also in {ws[0]}" for k, ws in sorted(where.items()) for j in range(1, len(ws))]
+
+
+def _run(fn, items: list, progress: bool, desc: str, in_process: bool):
+    """``fn`` over ``items`` as Ray tasks (or here, in order, for a small folder with no Ray up)."""
+    if in_process:
+        for item in items:
+            yield item, fn(item)
+        return
+    from pipeline import ray_backend
+
+    for item, result, _ in ray_backend.run_tasks(fn, items, desc=desc, num_cpus=1):
+        if isinstance(result, Exception):
+            raise result
+        yield item, result
+
+
+def verify(folder, progress: bool = True, keys_per_partition: int = 5_000_000,
+           local_below: int = 16) -> tuple[list[str], dict]:
+    """Every fault found in a shards folder, and a summary.
+
+    One task per shard checks it (:func:`verify_shard`) and writes its keys, hash-partitioned,
+    to ``FOLDER/_verify/``; then one task per partition finds keys in two samples. The driver
+    holds the manifest and the faults, never the keys; a task holds one shard or one partition
+    (``keys_per_partition`` keys). A folder of fewer than ``local_below`` shards, with no Ray
+    running, is checked here, in this process, by the same functions."""
+    folder = storage.path(folder)
     try:
         data = load(folder)
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
@@ -295,9 +357,45 @@ def verify(folder: Path, progress: bool = True) -> tuple[list[str], dict]:
     listed = {e["name"] for e in data["shards"]}
     for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
         faults.append(f"{extra}: not in the manifest")
-    seen: dict[str, str] = {}
-    for entry in tqdm(data["shards"], desc="verify", unit="shard", disable=not progress):
-        faults += verify_shard(folder / entry["name"], entry, data, seen)
-    summary = {"shards": len(data["shards"]), "samples": data["samples"], "bytes": data["bytes"],
+    entries = data["shards"]
+    in_process = len(entries) < local_below and not _ray_running()
+    if not in_process:
+        from pipeline import ray_backend
+
+        ray_backend.init()
+    small = {k: v for k, v in data.items() if k != "shards"}
+    parts = max(1, -(-int(data["samples"]) // keys_per_partition))
+    scratch = folder / "_verify"
+    _remove(scratch)
+    if not storage.is_remote(scratch):
+        storage.local(scratch).mkdir(parents=True)
+    try:
+        found: dict[int, list[str]] = {}
+        items = [(storage.url(folder), i, e, small, storage.url(scratch), parts) for i, e in enumerate(entries)]
+        for item, result in _run(_verify_task, items, progress, "verify", in_process):
+            found[item[1]] = result
+        faults += [f for i in sorted(found) for f in found[i]]
+        names = [e["name"] for e in entries]
+        dup = {}
+        for item, result in _run(_duplicates_task, [(storage.url(scratch), p, names) for p in range(parts)],
+                                 progress, "verify keys", in_process):
+            dup[item[1]] = result
+        faults += sorted(f for p in dup.values() for f in p)
+    finally:
+        _remove(scratch)
+    summary = {"shards": len(entries), "samples": data["samples"], "bytes": data["bytes"],
                "encoders": {k: v["fingerprint"][:12] for k, v in data["encoders"].items()}}
     return faults, summary
+
+
+def _remove(folder) -> None:
+    if not storage.is_remote(folder):
+        shutil.rmtree(storage.local(folder), ignore_errors=True)
+    elif folder.exists():
+        folder.fs.rm(folder.path, recursive=True)
+
+
+def _ray_running() -> bool:
+    """Whether this process already joined Ray (without importing it: only ray_backend does)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())

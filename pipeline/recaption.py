@@ -14,10 +14,12 @@ redone shard gets the same captions.
 
 Before any work the captioner is checked (``recaption.backends.check_loadable``). Shards
 commit atomically with a fingerprint of what made them (the output-changing
-``recaption.*`` settings, the prompt templates' versions and contents, the completion
-records of the selection and raw shards they read); a rerun captions only shards without
-a completion record, and refuses shards made differently (a changed model, prompt or
-selection) unless ``--redo`` asks to redo just those.
+``recaption.*`` settings, the prompt templates' versions and contents, the digest of the
+rows the selection keeps, taken from its shard record, and the raw shard's record); a
+rerun captions only shards without a completion record, and refuses shards made
+differently (a changed model, prompt or selection) unless ``--redo`` asks to redo just
+those. The driver reads shard records only; each actor reads its own shard (local paths
+or fsspec URLs, through ``pipeline.storage``).
 """
 
 from __future__ import annotations
@@ -26,32 +28,18 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline import shards
+from pipeline import shards, storage
 from pipeline.config import RunConfig
+from pipeline.schemas import CAPTION_KINDS_SYNTHETIC as KINDS, CAPTIONS as SCHEMA, kept_digest
 
 log = logging.getLogger(__name__)
-
-KINDS = ("descriptive", "short")
-SCHEMA = pa.schema([
-    ("key", pa.string()), ("alt_text", pa.string()),
-    ("descriptive", pa.string()), ("short", pa.string()),
-    ("status", pa.string()), ("reason", pa.string()),
-    ("descriptive_status", pa.string()), ("short_status", pa.string()),
-    ("descriptive_raw", pa.string()), ("short_raw", pa.string()),
-    ("descriptive_attempts", pa.int32()), ("short_attempts", pa.int32()),
-    ("descriptive_tokens", pa.int32()), ("short_tokens", pa.int32()),
-    ("model", pa.string()), ("backend", pa.string()),
-    ("prompt_descriptive", pa.string()), ("prompt_short", pa.string()),
-    ("generation", pa.string()), ("created_at", pa.string()),
-])
 
 
 # settings that change speed or transport, not what a caption says: left out of the fingerprint
@@ -60,20 +48,34 @@ NOT_OUTPUT = ("actors", "concurrency", "timeout", "http_retries", "backoff", "ba
               "api_key_env", "base_url")
 
 
+def _kept(cfg: RunConfig, shard_id: int) -> pa.Array:
+    """The keys a selection shard keeps, in its order."""
+    sel = storage.read_parquet(shards.shard_file(cfg.selection_dir, shard_id, ".parquet"), columns=["key", "keep"])
+    return sel["key"].filter(pc.fill_null(sel["keep"], False))
+
+
 def shard_fingerprint(cfg: RunConfig, prompts: dict, shard_id: int) -> dict:
     """What determines a captions shard: recaption settings, prompt templates (ref and a
-    digest of their text), the rows the selection keeps in the shard (not the selection's
-    record: a rule change that keeps the same rows redoes nothing) and the raw shard's record."""
+    digest of their text), the rows the selection keeps in the shard (its record's
+    ``kept_digest``, not the record: a rule change that keeps the same rows redoes nothing)
+    and the raw shard's record."""
     settings = shards.settings_of(cfg.recaption, "recaption", exclude=NOT_OUTPUT)
     for kind, t in prompts.items():
         text = json.dumps(t.model_dump(), sort_keys=True).encode()
         settings[f"recaption.prompts.{kind}"] = f"{t.ref} sha256:{hashlib.sha256(text).hexdigest()[:16]}"
     name = shards.shard_name(shard_id)
-    kept = pq.read_table(cfg.selection_dir / f"{name}.parquet", columns=["key", "keep"])
-    kept = sorted(kept.filter(pc.equal(kept["keep"], True))["key"].to_pylist())
-    return shards.fingerprint(settings, {
-        f"selection/{name} (kept rows)": hashlib.sha256("\n".join(kept).encode()).hexdigest(),
-        f"raw/{name}": shards.record_digest(cfg.score_input, shard_id)})
+    kept = shards.read_stats(cfg.selection_dir, shard_id).get("kept_digest")
+    if kept is None:  # a selection written before records carried the digest
+        kept = kept_digest(_kept(cfg, shard_id).to_pylist())
+    return shards.fingerprint(settings, {f"selection/{name} (kept rows)": kept,
+                                         f"raw/{name}": shards.record_digest(cfg.score_input, shard_id)})
+
+
+def _reasons(reasons) -> dict:
+    """{reason: rows} of a shard's failed caption kinds ("descriptive: empty", ...), for its record
+    (the funnel sums the records)."""
+    counts = Counter(part.split(" after ")[0] for r in reasons if r for part in r.split("; "))
+    return dict(counts.most_common())
 
 
 def load_prompts(cfg: RunConfig) -> dict:
@@ -112,12 +114,11 @@ class RecaptionShard:
             refuse_unhonoured(False, r, r.model)  # also when the driver's preflight was skipped
 
     def _inputs(self, shard_id: int):
-        name = shards.shard_name(shard_id)
-        sel = pq.read_table(self.cfg.selection_dir / f"{name}.parquet")
-        keep = set(sel.filter(pc.equal(sel["keep"], True))["key"].to_pylist())
-        meta = pq.read_table(self.cfg.score_input / f"{name}.parquet", columns=["key", "caption"])
+        raw = self.cfg.score_input
+        keep = set(_kept(self.cfg, shard_id).to_pylist())
+        meta = storage.read_parquet(shards.shard_file(raw, shard_id, ".parquet"), columns=["key", "caption"])
         alts = dict(zip(meta["key"].to_pylist(), meta["caption"].to_pylist()))
-        members = shards.read_tar(self.cfg.score_input / f"{name}.tar")
+        members = shards.read_tar(shards.shard_file(raw, shard_id, ".tar"), keys=keep)
         rows = []
         for key in sorted(keep):
             data = next((members.get(key, {}).get(e) for e in ("jpg", "png", "webp") if e in members.get(key, {})),
@@ -207,7 +208,7 @@ class RecaptionShard:
                  "failed": status.count("failed"), **{f"{kind}_ok": sum(r_[f"{kind}_status"] == "ok" for r_ in out)
                                                       for kind in KINDS},
                  "tokens": sum(r_["descriptive_tokens"] + r_["short_tokens"] for r_ in out),
-                 "duration": time.time() - start}
+                 "reasons": _reasons(r_["reason"] for r_ in out), "duration": time.time() - start}
         shards.commit(staging, self.cfg.captions_dir, shard_id, [f"{name}.parquet"], stats,
                       fingerprint=shard_fingerprint(self.cfg, self.prompts, shard_id))
         return stats
@@ -233,28 +234,27 @@ def recaption(cfg: RunConfig) -> dict:
     redone = shards.stale_shards(out, lambda sid: shard_fingerprint(cfg, prompts, sid), redo=cfg.redo,
                                  stage="recaption")
     for sid in redone:  # stale captions never stay where build could read them
-        (out / f"{shards.shard_name(sid)}.parquet").unlink(missing_ok=True)
+        shards.shard_file(out, sid, ".parquet").unlink(missing_ok=True)
     if redone:
         log.info("redoing %d captions shards made with other settings or inputs", len(redone))
     shards.prune_failures(out, available)  # failure records of shards no longer selected
     todo = sorted(available - shards.done_shards(out))
     ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
-    local = cfg.recaption.backend == "transformers"
-    gpus = cfg.resources.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if local and ray_backend.cluster_gpus() >= 1 else 0.0
-    actors = cfg.recaption.actors or (int(ray_backend.cluster_gpus() / gpus) if gpus else
-                                      max(1, int(ray_backend.cluster_cpus() / cfg.resources.cpus_per_actor)))
+    # an openai-backend actor only sends HTTP requests: it never reserves a GPU
+    resources = ray_backend.actor_resources(cfg.resources.recaption, http_only=cfg.recaption.backend == "openai",
+                                            actors=cfg.recaption.actors)
     rows = {sid: shards.read_stats(sel, sid).get("kept", 1) for sid in todo}
     failures = {}
+    metrics = ray_backend.StageMetrics(out, "recaption", summarize=lambda s: {
+        "rows": s["count"], "ok": s["ok"] + s["partial"], "errors": s["reasons"]})
     for sid, result, _ in ray_backend.run_actor_pool(
-            RecaptionShard(cfg.model_dump()), todo, desc="recaption", actors=actors,
-            num_cpus=cfg.resources.cpus_per_actor, num_gpus=gpus, weight=lambda s: rows[s], unit="img"):
+            RecaptionShard(cfg.model_dump()), todo, desc="recaption", weight=lambda s: rows[s], unit="img",
+            metrics=metrics, **resources):
         if isinstance(result, Exception):
             failures[sid] = result
             shards.record_failure(out, sid, "recaption", f"{type(result).__name__}: {result}")
             log.error("recaptioning shard %s failed: %s (rerun to retry it)", sid, result)
-    funnel = recaption_funnel(Path(cfg.output)) if shards.done_shards(out) else {
+    funnel = recaption_funnel(cfg.output) if shards.done_shards(out) else {
         "stage": "recaption", "rows_in": 0, "captioned": 0, "failed": 0, "failed_by_reason": {}, "shards": 0}
     failed = shards.failed_shards(out)
     if failed:

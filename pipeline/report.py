@@ -2,43 +2,94 @@
 
 Every input row appears in raw/ metadata exactly once; the funnel counts rows in, rows
 out, successes, and failures by reason, and checks the lineage (no row lost, none twice).
+
+Funnels add up the stages' per-shard completion records (small JSON files), never the rows;
+the lineage check runs one task per source shard (its keys, stage by stage), the driver adding
+up small per-shard results; the visuals draw on a sample of shards (``sample_shards``).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import shards
+from pipeline import shards, storage
+from pipeline.schemas import SELECTION_SUMMARY
+
+SAMPLE_SHARDS = 8  # shards the report's visuals draw on
 
 
-def download_funnel(run_dir: Path) -> dict:
-    raw = Path(run_dir) / "raw"
+def _records(folder, ids) -> list[dict]:
+    """The completion records of ``ids`` in ``folder``, read a few at a time."""
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda i: shards.read_stats(folder, i), ids))
+
+
+def _map(fn, items: list, desc: str, local_below: int = 16):
+    """``fn`` over ``items`` as Ray tasks, yielding (item, result); in this process, by the same
+    function, when there are few items and this process has not joined Ray."""
+    ray = sys.modules.get("ray")
+    if len(items) < local_below and not (ray is not None and ray.is_initialized()):
+        for item in items:
+            yield item, fn(item)
+        return
+    from pipeline import ray_backend
+
+    ray_backend.init()
+    for item, result, _ in ray_backend.run_tasks(fn, items, desc=desc, num_cpus=1):
+        if isinstance(result, Exception):
+            raise result
+        yield item, result
+
+
+def _attempts(item: tuple) -> dict:
+    """Attempts per row and retried successes of one raw shard (for records that lack them)."""
+    folder, sid = item
+    path = shards.shard_file(folder, sid, ".parquet")
+    t = storage.read_parquet(path, columns=["status"])
+    names = storage.read_schema(path).names
+    t = t.append_column("attempts", storage.read_parquet(path, columns=["attempts"])["attempts"] if "attempts" in names
+                        else pa.array([1] * t.num_rows, pa.int64()))
+    return {"attempts": {str(k): v for k, v in Counter(t["attempts"].to_pylist()).items()},
+            "retried_and_succeeded": int(pc.sum(pc.and_(pc.equal(t["status"], "success"),
+                                                        pc.greater(t["attempts"], 1))).as_py() or 0)}
+
+
+def download_funnel(run_dir) -> dict:
+    """The download stage's funnel from raw/'s completion records (attempts from a shard's
+    metadata when its record has none)."""
+    raw = storage.path(run_dir) / "raw"
     info_path = raw / "_input" / "input.json"
     rows_in = json.loads(info_path.read_text())["rows"] if info_path.exists() else None
-    meta = shards.read_metadata(raw)
-    keys = meta["key"].to_pylist()
-    reasons = Counter(meta["error_reason"].to_pylist())
-    attempts = Counter(meta["attempts"].to_pylist())
+    ids = sorted(shards.done_shards(raw))
+    stats = _records(raw, ids)
+    reasons, attempts, retried, rows = Counter(), Counter(), 0, 0
+    for s in stats:
+        rows += s["count"]
+        reasons.update(s.get("reasons") or {"success": s.get("successes", 0)})
+    missing = [sid for sid, s in zip(ids, stats) if "attempts" not in s]
+    extra = dict(_map(_attempts, [(storage.url(raw), sid) for sid in missing], "report download"))
+    for sid, s in zip(ids, stats):
+        s = extra.get((storage.url(raw), sid), s)
+        attempts.update({str(k): v for k, v in s["attempts"].items()})
+        retried += s.get("retried_and_succeeded", 0)
     succeeded = reasons.pop("success", 0)
-    duplicated = len(keys) - len(set(keys))
     return {
         "stage": "download",
         "rows_in": rows_in,
-        "rows_out": len(keys),
+        "rows_out": rows,
         "succeeded": succeeded,
         "failed": sum(reasons.values()),
         "failed_by_reason": dict(reasons.most_common()),
-        "attempts": {str(k): v for k, v in sorted(attempts.items())},
-        "retried_and_succeeded": int(pc.sum(pc.and_(pc.equal(meta["status"], "success"),
-                                                    pc.greater(meta["attempts"], 1))).as_py() or 0),
-        "shards": len(shards.done_shards(raw)),
-        "lineage_ok": rows_in == len(keys) and duplicated == 0,
-        "duplicated_keys": duplicated,
+        "attempts": dict(sorted(attempts.items(), key=lambda kv: int(kv[0]))),
+        "retried_and_succeeded": retried,
+        "shards": len(ids),
+        "lineage_ok": rows_in == rows,
         **({"failed_shards": {str(k): v[:500] for k, v in sorted(failed.items())}}
            if (failed := shards.failed_shards(raw)) else {}),
     }
@@ -52,7 +103,7 @@ def format_funnel(f: dict) -> str:
     for reason, n in f["failed_by_reason"].items():
         lines.append(f"    {reason:<22}{n:>8}")
     if not f["lineage_ok"]:
-        lines.append(f"  LINEAGE BROKEN: {f['rows_in']} rows in, {f['rows_out']} out, {f['duplicated_keys']} duplicated keys")
+        lines.append(f"  LINEAGE BROKEN: {f['rows_in']} rows in, {f['rows_out']} out")
     if f.get("ray_nodes_used"):
         lines.append(f"  ran on {f['ray_nodes_used']} Ray node(s)")
     for sid, err in f.get("failed_shards", {}).items():
@@ -60,19 +111,15 @@ def format_funnel(f: dict) -> str:
     return "\n".join(lines)
 
 
-def score_funnel(run_dir: Path, scores: Path | None = None) -> dict:
-    scores = Path(scores or Path(run_dir) / "scores")
-    ids = shards.done_shards(scores)
-    stats = [shards.read_stats(scores, i) for i in ids]
+def score_funnel(run_dir, scores=None) -> dict:
+    scores = storage.path(scores or storage.path(run_dir) / "scores")
+    ids = sorted(shards.done_shards(scores))
+    stats = _records(scores, ids)
     reasons = Counter()
     for s in stats:
         reasons.update(s.get("error_reasons", {}))
-    dedup = {}
-    if (scores / "_dedup.parquet").exists():
-        import pyarrow.parquet as pq
-
-        kinds = pq.read_table(scores / "_dedup.parquet", columns=["duplicate_kind"])["duplicate_kind"]
-        dedup = {k: v for k, v in Counter(kinds.drop_null().to_pylist()).most_common()}
+    summary = scores / "_dedup" / "_summary.json"  # pipeline.dedup's record: counts by kind
+    dedup = json.loads(summary.read_text()).get("duplicates", {}) if summary.exists() else {}
     out = {"stage": "score", "rows_in": sum(s["count"] for s in stats), "scored": sum(s["scored"] for s in stats),
            "failed": sum(s["errors"] for s in stats), "failed_by_reason": dict(reasons.most_common()),
            "duplicates_by_kind": dedup, "shards": len(ids)}
@@ -82,8 +129,8 @@ def score_funnel(run_dir: Path, scores: Path | None = None) -> dict:
     return out
 
 
-def select_funnel(run_dir: Path) -> dict:
-    path = Path(run_dir) / "selection" / "_summary.json"
+def select_funnel(run_dir) -> dict:
+    path = storage.path(run_dir) / "selection" / SELECTION_SUMMARY
     summary = json.loads(path.read_text())
     out = {"stage": "select", "rows_in": summary["rows"], "kept": summary["kept"],
            "dropped": summary["rows"] - summary["kept"], "dropped_by_rule": summary["dropped_by"],
@@ -93,34 +140,44 @@ def select_funnel(run_dir: Path) -> dict:
     return out
 
 
-def recaption_funnel(run_dir: Path) -> dict:
-    import pyarrow.parquet as pq
-
-    folder = Path(run_dir) / "captions"
-    ids = sorted(shards.done_shards(folder))
-    if not ids:
-        raise FileNotFoundError(f"no captions in {folder}")
-    t = pa.concat_tables([pq.read_table(folder / f"{shards.shard_name(i)}.parquet",
-                                        columns=["status", "reason"]) for i in ids])
+def _caption_reasons(item: tuple) -> dict:
+    """Failure reasons of one captions shard (for records that do not count them)."""
+    folder, sid = item
     reasons = Counter()
-    for r in t["reason"].drop_null().to_pylist():
+    for r in storage.read_parquet(shards.shard_file(folder, sid, ".parquet"), columns=["reason"])["reason"] \
+            .drop_null().to_pylist():
         for part in r.split("; "):
             reasons[part.split(" after ")[0]] += 1
-    status = t["status"].to_pylist()
-    ok, partial = status.count("ok"), status.count("partial")  # partial: one caption kind good, one failed
-    return {"stage": "recaption", "rows_in": t.num_rows, "captioned": ok, "partial": partial,
-            "failed": t.num_rows - ok - partial, "failed_by_reason": dict(reasons.most_common()), "shards": len(ids)}
+    return dict(reasons)
 
 
-def build_funnel(run_dir: Path, folder: Path | None = None) -> dict:
+def recaption_funnel(run_dir) -> dict:
+    folder = storage.path(run_dir) / "captions"
+    ids = sorted(shards.done_shards(folder))
+    if not ids:
+        raise FileNotFoundError(f"no captions in {storage.url(folder)}")
+    stats = _records(folder, ids)
+    reasons = Counter()
+    for s in stats:
+        reasons.update(s.get("reasons", {}))
+    missing = [(storage.url(folder), sid) for sid, s in zip(ids, stats) if "reasons" not in s]
+    for _, found in _map(_caption_reasons, missing, "report captions"):
+        reasons.update(found)
+    rows = sum(s["count"] for s in stats)
+    ok, partial = sum(s.get("ok", 0) for s in stats), sum(s.get("partial", 0) for s in stats)
+    return {"stage": "recaption", "rows_in": rows, "captioned": ok, "partial": partial,  # partial: one kind good
+            "failed": rows - ok - partial, "failed_by_reason": dict(reasons.most_common()), "shards": len(ids)}
+
+
+def build_funnel(run_dir, folder=None) -> dict:
     """The build stage's funnel of RUN/shards (or of another shards ``folder``)."""
-    folder = Path(folder) if folder else Path(run_dir) / "shards"
+    folder = storage.path(folder) if folder else storage.path(run_dir) / "shards"
     ids = sorted(shards.done_shards(folder))
     plan = folder / "_plan.json"
     if not plan.exists():
-        raise FileNotFoundError(f"no build in {folder}")
+        raise FileNotFoundError(f"no build in {storage.url(folder)}")
     planned = json.loads(plan.read_text())
-    stats = [shards.read_stats(folder, i) for i in ids]
+    stats = _records(folder, ids)
     reasons = Counter(r.split(":")[0] for s in stats for r in s["failed"].values())
     buckets = Counter()
     captions = {"txt": Counter(), "fallback": Counter()}  # which caption each sample's txt is, and why not
@@ -175,88 +232,121 @@ def format_stage(f: dict) -> str:
     return "\n".join(lines) + _failed_lines(f)
 
 
-def _keys(folder: Path, sid: int, where=None) -> list[str]:
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(folder / f"{shards.shard_name(sid)}.parquet", columns=["key"] + ([where[0]] if where else []))
+def _keys(folder, sid: int, where=None) -> list[str]:
+    path = shards.shard_file(folder, sid, ".parquet")
+    t = storage.read_parquet(path, columns=["key"] + ([where[0]] if where else []))
     if where:
         t = t.filter(pc.equal(t[where[0]], where[1]))
     return t["key"].to_pylist()
 
 
-def lineage(run_dir: Path) -> dict:
+STAGES = [("score", "scores", "raw", ("status", "success"), "scored"),
+          ("select", "selection", "scores", None, "selected"),
+          ("recaption", "captions", "selection", ("keep", True), "captioned")]
+
+
+def _lineage_shard(item: tuple) -> dict:
+    """One source shard's lineage (a task): each stage that made it holds exactly the rows the
+    stage before handed it. Memory: one shard's keys."""
+    run, sid, made = item
+    run = storage.path(run)
+    raw = _keys(run / "raw", sid)
+    counts, problems = {"raw": len(raw)}, []
+    twice = len(raw) - len(set(raw))
+    for stage, folder, up, where, label in STAGES:
+        if not made.get(folder):
+            continue
+        want, have = _keys(run / up, sid, where), _keys(run / folder, sid)
+        counts[label] = len(have)
+        if sorted(want) != sorted(have):
+            lost, extra = set(want) - set(have), set(have) - set(want)
+            problems.append(f"{stage}: shard {shards.shard_name(sid)} has {len(lost)} row(s) of the stage before "
+                            f"missing" + (f" (e.g. {min(lost)})" if lost else "") +
+                            (f" and {len(extra)} unknown row(s) (e.g. {min(extra)})" if extra else ""))
+        if stage == "select":
+            counts["kept"] = len(_keys(run / folder, sid, ("keep", True)))
+    return {"counts": counts, "problems": problems, "twice": twice}
+
+
+def _build_lineage(out, sel, kept: int | None, counts: dict, problems: list, missing) -> None:
+    """The build's part: the plan takes each selection shard's kept rows (their records), and
+    each output shard wrote or recorded as failed every row planned into it."""
+    from pipeline.buildplan import Plan
+
+    plan = Plan.load(out)
+    counts["planned"] = plan.samples
+    if kept is not None and plan.samples != kept:
+        problems.append(f"build: the plan holds {plan.samples} rows, the selection keeps {kept}; rerun `tapir build`")
+    ids = sorted(shards.done_shards(sel))
+    records = dict(zip(ids, _records(sel, ids)))
+    for source, n in plan.sources:
+        if records.get(source, {}).get("kept") != n:
+            problems.append(f"build: the plan takes {n} rows of selection shard {shards.shard_name(source)}, "
+                            f"which keeps {records.get(source, {}).get('kept')}; rerun `tapir build`")
+    built = sorted(shards.done_shards(out))
+    stats = dict(zip(built, _records(out, built)))
+    written = 0
+    for sid in range(plan.shards):
+        if sid not in stats:
+            problems.append(missing(out, sid, "build"))
+            continue
+        st = stats[sid]
+        written += st["count"]
+        if st["count"] + len(st.get("failed", {})) != plan.count(sid):
+            problems.append(f"build: shard {shards.shard_name(sid)} planned {plan.count(sid)} rows, wrote "
+                            f"{st['count']} and recorded {len(st.get('failed', {}))} failed")
+    counts["written"] = written
+
+
+def lineage(run_dir) -> dict:
     """Follow every row from the input list to the training samples, stage by stage.
 
     Each stage must account for exactly the rows the stage before handed it, shard by
     shard: input rows = raw rows; downloaded rows = scored rows; scored = selected-or-
     dropped; kept = captioned (or recorded failed); kept = planned for the build, and
     planned = written + recorded build failures. A shard a stage has not made (failed,
-    or not run yet) is listed with its recorded failure reason. Returns the counts and
-    the problems found (``ok`` when there are none)."""
-    import pyarrow.parquet as pq
-
-    run_dir = Path(run_dir)
-    raw, scores, sel, caps, out = (run_dir / n for n in ("raw", "scores", "selection", "captions", "shards"))
+    or not run yet) is listed with its recorded failure reason. One task per raw shard reads
+    its keys; the driver adds up counts. Returns the counts and the problems found (``ok``
+    when there are none)."""
+    run = storage.path(run_dir)
+    raw, sel, out = run / "raw", run / "selection", run / "shards"
     problems: list[str] = []
     counts: dict[str, int] = {}
 
-    def missing(folder: Path, sid: int, stage: str) -> str:
+    def missing(folder, sid: int, stage: str) -> str:
         reason = shards.failed_shards(folder).get(sid)
         return f"{stage}: shard {shards.shard_name(sid)} " + (f"FAILED: {reason.splitlines()[0][:200]}" if reason
                                                                 else "not made (rerun the stage)")
 
-    f = download_funnel(run_dir) if shards.done_shards(raw) else None
+    f = download_funnel(run) if shards.done_shards(raw) else None
     if f is None:
         return {"ok": False, "counts": {}, "problems": ["download: no raw shards"]}
     counts["input"], counts["raw"], counts["downloaded"] = f["rows_in"], f["rows_out"], f["succeeded"]
-    if not f["lineage_ok"]:
-        problems.append(f"download: {f['rows_in']} input rows, {f['rows_out']} recorded, "
-                        f"{f['duplicated_keys']} keys twice")
     problems += [missing(raw, sid, "download") for sid in sorted(shards.failed_shards(raw))]
-    stages = [("score", scores, raw, ("status", "success"), "scored"),
-              ("select", sel, scores, None, "selected"),
-              ("recaption", caps, sel, ("keep", True), "captioned")]
-    for stage, folder, up, where, label in stages:
-        made = shards.done_shards(folder)  # listed once per folder, not once per shard
-        if not made:
-            continue
-        n = 0
-        for sid in sorted(shards.done_shards(up)):
-            if sid not in made:
-                problems.append(missing(folder, sid, stage))
+    made = {folder: shards.done_shards(run / folder) for _, folder, *_ in STAGES}  # listed once per folder
+    chain = {"raw": shards.done_shards(raw), **made}
+    items = []
+    for sid in sorted(chain["raw"]):
+        have = {}
+        for stage, folder, up, _, _ in STAGES:
+            if not made[folder] or sid not in chain[up]:
                 continue
-            want, have = _keys(up, sid, where), _keys(folder, sid)
-            n += len(have)
-            if sorted(want) != sorted(have):
-                lost, extra = set(want) - set(have), set(have) - set(want)
-                problems.append(f"{stage}: shard {shards.shard_name(sid)} has {len(lost)} row(s) of the stage before "
-                                f"missing" + (f" (e.g. {min(lost)})" if lost else "") +
-                                (f" and {len(extra)} unknown row(s) (e.g. {min(extra)})" if extra else ""))
-        counts[label] = n
-        if stage == "select":
-            counts["kept"] = sum(len(_keys(sel, sid, ("keep", True))) for sid in made)
-    if (out / "_plan.json").exists() and (out / "_plan.parquet").exists():
-        plan = pq.read_table(out / "_plan.parquet", columns=["key", "shard"])
-        planned = plan["key"].to_pylist()
-        counts["planned"] = len(planned)
-        if "kept" in counts and sorted(planned) != sorted(
-                k for sid in shards.done_shards(sel) for k in _keys(sel, sid, ("keep", True))):
-            problems.append(f"build: the plan holds {len(planned)} rows, the selection keeps {counts['kept']}; "
-                            "rerun `tapir build`")
-        if len(set(planned)) != len(planned):
-            problems.append(f"build: {len(planned) - len(set(planned))} row(s) planned twice")
-        per_shard = Counter(plan["shard"].to_pylist())
-        written, built = 0, shards.done_shards(out)
-        for sid in sorted(per_shard):
-            if sid not in built:
-                problems.append(missing(out, sid, "build"))
-                continue
-            st = shards.read_stats(out, sid)
-            written += st["count"]
-            if st["count"] + len(st.get("failed", {})) != per_shard[sid]:
-                problems.append(f"build: shard {shards.shard_name(sid)} planned {per_shard[sid]} rows, wrote "
-                                f"{st['count']} and recorded {len(st.get('failed', {}))} failed")
-        counts["written"] = written
+            if sid not in made[folder]:
+                problems.append(missing(run / folder, sid, stage))
+            else:
+                have[folder] = True
+        items.append((storage.url(run), sid, have))
+    twice = 0
+    for _, result in sorted(_map(_lineage_shard, items, "lineage"), key=lambda r: r[0][1]):
+        twice += result["twice"]
+        problems += result["problems"]
+        for k, v in result["counts"].items():
+            if k != "raw":
+                counts[k] = counts.get(k, 0) + v
+    if not f["lineage_ok"] or twice:
+        problems.insert(0, f"download: {f['rows_in']} input rows, {f['rows_out']} recorded, {twice} keys twice")
+    if (out / "_plan.json").exists():
+        _build_lineage(out, sel, counts.get("kept"), counts, problems, missing)
     return {"ok": not problems, "counts": counts, "problems": problems}
 
 
@@ -268,27 +358,28 @@ def format_lineage(lin: dict) -> str:
                      ([f"  ... and {len(lin['problems']) - 20} more"] if len(lin["problems"]) > 20 else []))
 
 
-def report(run_dir: Path, visuals: bool = True) -> tuple[dict, Path]:
+def report(run_dir, visuals: bool = True, sample_shards: int = SAMPLE_SHARDS) -> tuple[dict, object]:
     """Compute the funnel of every stage ``run_dir`` holds, write report/funnel.json (and,
-    once scores or captions exist, plots, sample grids and report/index.html); return
-    the funnel and the JSON's path."""
-    run_dir = Path(run_dir)
-    funnel = {"download": download_funnel(run_dir)}
-    if shards.done_shards(run_dir / "scores"):
-        funnel["score"] = score_funnel(run_dir)
-    if (run_dir / "selection" / "_summary.json").exists():
-        funnel["select"] = select_funnel(run_dir)
-    if shards.done_shards(run_dir / "captions"):
-        funnel["recaption"] = recaption_funnel(run_dir)
-    if (run_dir / "shards" / "_plan.json").exists():
-        funnel["build"] = build_funnel(run_dir)
-    funnel["lineage"] = lineage(run_dir)
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    once scores or captions exist, plots, sample grids and report/index.html, drawn from
+    ``sample_shards`` shards spread over the run); return the funnel and the JSON's path."""
+    run = storage.path(run_dir)
+    funnel = {"download": download_funnel(run)}
+    if shards.done_shards(run / "scores"):
+        funnel["score"] = score_funnel(run)
+    if (run / "selection" / SELECTION_SUMMARY).exists():
+        funnel["select"] = select_funnel(run)
+    if shards.done_shards(run / "captions"):
+        funnel["recaption"] = recaption_funnel(run)
+    if (run / "shards" / "_plan.json").exists():
+        funnel["build"] = build_funnel(run)
+    funnel["lineage"] = lineage(run)
+    out = run / "report"
+    if not storage.is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
     path = out / "funnel.json"
-    path.write_text(json.dumps(funnel, indent=2))
+    shards.atomic_write(path, json.dumps(funnel, indent=2))
     if visuals and ("score" in funnel or "recaption" in funnel):
         from pipeline.visual import write_visuals
 
-        write_visuals(run_dir, funnel, out)
+        write_visuals(run, funnel, out, sample_shards)
     return funnel, path

@@ -1,55 +1,51 @@
 """The score stage: raw/ shards -> scores/NNNNN.parquet (key + one column per score).
 
 Reads any folder in img2dataset's webdataset layout (NNNNN.tar + NNNNN.parquet +
-NNNNN_stats.json). Model scorers (CLIP) run on an actor pool that loaded the model once
-per actor, on a GPU when there is one; CPU scorers (basic, language, phash, NSFW, OCR)
-run as Ray tasks at the same time. Both decode and preprocess the next batch on a thread
-while the current one is scored, and write their part of a shard atomically
-(scores/_parts/GROUP/); a shard is committed once all its parts are in, and a rerun
-redoes only what has no completion record. After all shards, duplicate groups are
-computed over the whole dataset into ``scores/_dedup.parquet``.
+NNNNN_stats.json, any number of digits), local or on an object store. Model scorers (CLIP)
+run on an actor pool that loaded the model once per actor, on a GPU when there is one; CPU
+scorers (basic, language, phash, NSFW, OCR) run as Ray tasks at the same time. Both decode
+and preprocess the next batch on a thread while the current one is scored, and write their
+part of a shard (scores/_parts/GROUP/); a shard is committed once all its parts are in (the
+merge also runs the aesthetic head over the CLIP embeddings), and a rerun redoes only what
+has no completion record. Then duplicate groups are computed by :mod:`pipeline.dedup`
+(scores/_dedup/) whenever they no longer match the score shards.
 
 Every part and shard record carries a fingerprint (:func:`shard_fingerprint`: the settings
 that change its bytes and the record of the raw shard it was made from). A rerun with
 other settings refuses, naming the change, or redoes the changed shards with ``--redo``;
-stale parts of a killed run are redone, never merged. ``_dedup.parquet`` carries the
-dedup settings and a digest of the score records it was computed from (parquet metadata)
-and is recomputed whenever either changed. A shard that fails leaves
-``NNNNN_failed.json``; the command then exits non-zero.
+stale parts of a killed run are redone, never merged. A change of the aesthetic head alone
+(``score.aesthetic``) is redone from the stored embeddings, without decoding an image. A
+shard that fails leaves ``NNNNN_failed.json``; the command then exits non-zero.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline import shards
+from pipeline import schemas, shards, storage
 from pipeline.config import RunConfig, ScoreConfig
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-BASE_SCHEMA = pa.schema([("key", pa.string()), ("score_error", pa.string()), ("sha256", pa.string())])
-
-
+IMAGE_EXTS = schemas.IMAGE_MEMBERS
+BASE_SCHEMA = schemas.SCORES_BASE
 MODEL_SCORERS = ("clip",)  # run on actor pools (GPUs when present); the others run as CPU tasks
-DEDUP_META = b"tapir.fingerprint"  # _dedup.parquet's schema metadata: what it was computed from
+AESTHETIC = "score.aesthetic."  # settings of the aesthetic head: redone from the stored embeddings
 
 
-def shard_settings(cfg: ScoreConfig) -> dict:
-    """The settings that change a score shard's bytes: the scorers and their models, not
-    batch size, actors, threads or device (where it runs, not what it computes)."""
+def base_settings(cfg: ScoreConfig) -> dict:
+    """The settings that change a score shard's bytes apart from the aesthetic head: the
+    scorers and their models, not batch size, actors, threads or device (where it runs,
+    not what it computes). Parts are made from these alone."""
     out = {"score.scorers": list(cfg.scorers)}
     if "clip" in cfg.scorers:
         out |= {f"score.clip.{k}": getattr(cfg.clip, k) for k in ("model", "pretrained", "precision")}
@@ -58,37 +54,49 @@ def shard_settings(cfg: ScoreConfig) -> dict:
     return out
 
 
+def shard_settings(cfg: ScoreConfig) -> dict:
+    """Everything that changes a score shard's bytes: :func:`base_settings` and the aesthetic
+    head (its weights' location and content digest) when one is configured."""
+    from filters.aesthetic import weights_digest
+
+    out = base_settings(cfg)
+    if cfg.aesthetic.weights:
+        out |= {f"{AESTHETIC}weights": cfg.aesthetic.weights,
+                f"{AESTHETIC}sha256": weights_digest(cfg.aesthetic.weights)}
+    return out
+
+
+def _upstream(cfg: RunConfig, shard_id: int) -> dict:
+    return {f"raw/{shards.shard_name(shard_id)}": shards.record_digest(cfg.score_input, shard_id)}
+
+
+def part_fingerprint(cfg: RunConfig, shard_id: int) -> dict:
+    """What a part of a score shard must have been made from (the aesthetic head is not in parts)."""
+    return shards.fingerprint(base_settings(cfg.score), _upstream(cfg, shard_id))
+
+
 def shard_fingerprint(cfg: RunConfig, shard_id: int) -> dict:
-    """What a score shard (and each of its parts) must have been made from: the settings
-    and the completion record of its raw shard."""
-    return shards.fingerprint(shard_settings(cfg.score),
-                              {f"raw/{shards.shard_name(shard_id)}": shards.record_digest(cfg.score_input, shard_id)})
+    """What a score shard must have been made from: the settings and the completion record
+    of its raw shard."""
+    return shards.fingerprint(shard_settings(cfg.score), _upstream(cfg, shard_id))
 
 
-def scores_digest(folder: Path) -> str:
+def aesthetic_only(cfg: RunConfig, shard_id: int, have: dict | None) -> bool:
+    """True when a shard recorded ``have`` differs from this config in the aesthetic head only."""
+    if not have:
+        return False
+    want = part_fingerprint(cfg, shard_id)
+    settings = {k: v for k, v in (have.get("settings") or {}).items() if not k.startswith(AESTHETIC)}
+    return settings == want["settings"] and have.get("upstream") == want["upstream"]
+
+
+def scores_digest(folder) -> str:
     """One digest of every committed score record (which shards, and which version of each):
     it changes when any shard is added or redone. One line per shard, so it scales."""
     h = hashlib.sha256()
     for sid in sorted(shards.done_shards(folder)):
         h.update(f"{shards.shard_name(sid)} {shards.record_digest(folder, sid)}\n".encode())
     return h.hexdigest()
-
-
-def dedup_fingerprint(cfg: RunConfig) -> dict:
-    return shards.fingerprint(shards.settings_of(cfg.score.dedup, "score.dedup"),
-                              {"scores": scores_digest(cfg.scores_dir)})
-
-
-def dedup_staleness(cfg: RunConfig) -> str | None:
-    """Why ``scores/_dedup.parquet`` does not match the current score shards and dedup
-    settings (None when it does)."""
-    path = cfg.scores_dir / "_dedup.parquet"
-    if not path.exists():
-        return "it is missing"
-    meta = pq.read_schema(path).metadata or {}
-    have = json.loads(meta[DEDUP_META]) if DEDUP_META in meta else None
-    want = dedup_fingerprint(cfg)
-    return None if have and have["hash"] == want["hash"] else shards.explain_change(have, want)
 
 
 def build_scorers(cfg: ScoreConfig, names: list[str]) -> list:
@@ -105,17 +113,10 @@ def build_scorers(cfg: ScoreConfig, names: list[str]) -> list:
 
 
 def expected_schema(cfg: ScoreConfig) -> pa.Schema:
-    """The columns ``tapir score`` will write (and ``_dedup.parquet`` adds), known without
-    loading a model: rules are checked against it before any work starts."""
-    from filters.basic import BasicScorer, LanguageScorer, PhashScorer
-    from filters.dedup import SCHEMA as DEDUP
-    from filters.safety import NsfwScorer, OcrScorer
-
-    static = {"basic": BasicScorer.schema, "language": LanguageScorer.schema, "phash": PhashScorer.schema,
-              "nsfw": NsfwScorer.schema, "ocr": OcrScorer.schema,
-              "clip": pa.schema([("clip_score", pa.float32()), ("clip_embedding", pa.list_(pa.float16()))])}
-    fields = list(BASE_SCHEMA) + [f for name in cfg.scorers for f in static[name]] + list(DEDUP)[1:]
-    return pa.schema(fields)
+    """The columns ``tapir score`` will write (and dedup adds), known without loading a model:
+    rules are checked against it before any work starts (:func:`pipeline.schemas.scores_schema`
+    of ``cfg.outputs``)."""
+    return schemas.scores_schema(cfg.outputs)
 
 
 def _decode(data: bytes | None):
@@ -156,14 +157,17 @@ class ScoreShard:
             scorer.setup()
         self.clip = next((s for s in self.scorers if s.name == "clip"), None)
 
-    def _load(self, shard_id: int) -> tuple[list[str], list, list, list]:
-        src, name = self.cfg.score_input, shards.shard_name(shard_id)
-        meta = pq.read_table(src / f"{name}.parquet")
+    def _load(self, shard_id: int) -> tuple[list[str], list, list, list, list]:
+        src = self.cfg.score_input
+        meta = storage.read_parquet(shards.shard_file(src, shard_id, ".parquet"))
         meta = meta.filter(pc.equal(meta["status"], "success")).sort_by("key")
-        members = shards.read_tar(src / f"{name}.tar")
+        members = shards.read_tar(shards.shard_file(src, shard_id, ".tar"))
         keys = meta["key"].to_pylist()
-        captions = meta["caption"].to_pylist() if "caption" in meta.column_names else [None] * len(keys)
-        datas, hashes = [], []
+        column = lambda name: meta[name].to_pylist() if name in meta.column_names else [None] * len(keys)  # noqa: E731
+        captions = column("caption")
+        # the size img2dataset found before it resized the image (None where the input did not record it)
+        sizes = list(zip(column("original_width"), column("original_height")))
+        datas = []
         for i, key in enumerate(keys):
             m = members.get(key, {})
             datas.append(next((m[e] for e in IMAGE_EXTS if e in m), None))
@@ -173,13 +177,14 @@ class ScoreShard:
             hashes = meta["sha256"].to_pylist()
         else:
             hashes = [hashlib.sha256(d).hexdigest() if d else None for d in datas]
-        return keys, captions, datas, hashes
+        return keys, captions, datas, hashes, sizes
 
-    def _prepare(self, idx: list[int], captions, datas) -> dict:
+    def _prepare(self, idx: list[int], captions, datas, sizes) -> dict:
         decoded = [_decode(datas[i]) for i in idx]
         ok = [i for i, (im, _) in zip(idx, decoded) if im is not None]
         batch = {"index": ok, "image": [im for im, _ in decoded if im is not None],
                  "image_bytes": [datas[i] for i in ok], "caption": [captions[i] for i in ok],
+                 "original_size": [sizes[i] for i in ok],
                  "errors": {i: err for i, (_, err) in zip(idx, decoded) if err}}
         if self.clip is not None and batch["image"]:
             batch["clip_pixels"] = self.clip.prepare(batch["image"])
@@ -187,17 +192,17 @@ class ScoreShard:
 
     def __call__(self, shard_id: int) -> dict:
         start = time.time()
-        keys, captions, datas, hashes = self._load(shard_id)
+        keys, captions, datas, hashes, sizes = self._load(shard_id)
         n, bs = len(keys), self.cfg.score.batch_size
         columns: dict[str, list] = {}
         errors: dict[int, str] = {}
         chunks = [list(range(i, min(n, i + bs))) for i in range(0, n, bs)]
         with ThreadPoolExecutor(1) as pool:  # decode the next batch while the models run
-            future = pool.submit(self._prepare, chunks[0], captions, datas) if chunks else None
+            future = pool.submit(self._prepare, chunks[0], captions, datas, sizes) if chunks else None
             for c in range(len(chunks)):
                 batch = future.result()
                 if c + 1 < len(chunks):
-                    future = pool.submit(self._prepare, chunks[c + 1], captions, datas)
+                    future = pool.submit(self._prepare, chunks[c + 1], captions, datas, sizes)
                 errors.update(batch["errors"])
                 if not batch["index"]:
                     continue
@@ -237,79 +242,56 @@ class ScoreShard:
                  "error_reasons": {e.split(":")[0]: errors.count(e) for e in errors} if errors else {},
                  "scorers": [s.name for s in self.scorers], "duration": time.time() - start}
         shards.commit(staging, out, shard_id, [f"{name}.parquet"], stats,
-                      fingerprint=shard_fingerprint(self.cfg, shard_id))
+                      fingerprint=part_fingerprint(self.cfg, shard_id))
         return stats
 
 
-def read_scores(folder: Path, columns: list[str] | None = None) -> pa.Table:
-    """All committed score shards (optionally only some columns), in shard order."""
-    ids = sorted(shards.done_shards(folder))
-    if not ids:
-        raise FileNotFoundError(f"no scored shards in {folder}; run `tapir score` first")
-    return pa.concat_tables([pq.read_table(Path(folder) / f"{shards.shard_name(i)}.parquet", columns=columns)
-                             for i in ids])
-
-
-def dedup(cfg: RunConfig) -> pa.Table:
-    """Duplicate groups over every scored shard; written to scores/_dedup.parquet."""
-    from filters import dedup as dd
-
-    folder, d = cfg.scores_dir, cfg.score.dedup
-    ids = sorted(shards.done_shards(folder))
-    if not ids:
-        raise FileNotFoundError(f"no scored shards in {folder} to find duplicates in (every shard failed, see "
-                                f"its NNNNN_failed.json, or none was scored yet)")
-    made_from = dedup_fingerprint(cfg)  # before reading: a shard redone meanwhile makes it stale, never silently mixed
-    names = pq.read_schema(folder / f"{shards.shard_name(ids[0])}.parquet").names
-    wanted = [c for c in ("key", "score_error", "sha256", "phash", "phash_mirror", "clip_score", "min_side")
-              if c in names]
-    table = read_scores(folder, wanted)
-    keys = table["key"].to_pylist()
-    valid = np.asarray(pc.is_null(table["score_error"]).to_numpy(zero_copy_only=False), dtype=bool)
-    edges = {}
-    if d.exact:
-        edges["exact"] = dd.exact_edges([h if ok else None for h, ok in zip(table["sha256"].to_pylist(), valid)])
-    if d.near and "phash" in names:
-        edges["near"] = dd.near_edges([h if ok else None for h, ok in zip(table["phash"].to_pylist(), valid)],
-                                      d.near_max_distance, table["phash_mirror"].to_pylist())
-    if d.semantic and "clip_embedding" in names:
-        def by_shard():
-            start = 0
-            for sid in ids:
-                t = pq.read_table(folder / f"{shards.shard_name(sid)}.parquet", columns=["clip_embedding"])
-                col = t["clip_embedding"]
-                idx = np.arange(start, start + len(col))
-                start += len(col)
-                mask = np.asarray(pc.is_valid(col).to_numpy(zero_copy_only=False), dtype=bool)
-                if mask.any():
-                    emb = np.stack(col.filter(pc.is_valid(col)).to_numpy(zero_copy_only=False))
-                    yield idx[mask], emb.astype(np.float16)
-
-        edges["semantic"] = dd.semantic_edges(by_shard, len(keys), d.semantic_threshold, d.cluster_size,
-                                              folder / "_staging" / "semdedup")
-    score = table["clip_score"].to_pylist() if "clip_score" in names else [None] * len(keys)
-    side = table["min_side"].to_pylist() if "min_side" in names else [None] * len(keys)
-    priority = [(-(s if s is not None else -np.inf), -(m or 0)) for s, m in zip(score, side)]
-    result = dd.groups(keys, edges, priority)
-    result = result.replace_schema_metadata({DEDUP_META: json.dumps(made_from)})
-    shards.atomic_write_parquet(folder / "_dedup.parquet", result)
-    return result
-
-
-def part_dir(cfg: RunConfig, group: str) -> Path:
+def part_dir(cfg: RunConfig, group: str):
     return cfg.scores_dir / "_parts" / group
+
+
+def _aesthetic(cfg: RunConfig):
+    """The aesthetic head of ``cfg`` set up in this process (None when off)."""
+    if not cfg.score.aesthetic.weights:
+        return None
+    from filters.aesthetic import AestheticScorer
+
+    scorer = AestheticScorer(cfg.score.aesthetic.weights)
+    scorer.setup()
+    return scorer
+
+
+def _record(table: pa.Table, scorers: list[str], duration: float) -> dict:
+    errors = table["score_error"].drop_null().to_pylist()
+    reasons = [e.split(":")[0] for e in errors]
+    return {"count": table.num_rows, "scored": table.num_rows - len(errors), "errors": len(errors),
+            "error_reasons": {r: reasons.count(r) for r in sorted(set(reasons))}, "scorers": scorers,
+            "duration": duration}
+
+
+def _commit_shard(cfg: RunConfig, shard_id: int, table: pa.Table, record: dict) -> None:
+    """Write scores/NNNNN.parquet with the aesthetic head's column (when configured) and commit it."""
+    scorers = [n for n in record["scorers"] if n != "aesthetic"]
+    table = table.drop_columns([c for c in ("aesthetic_score",) if c in table.column_names])
+    if (head := _aesthetic(cfg)) is not None:
+        table, scorers = head(table), scorers + ["aesthetic"]
+    name = shards.shard_name(shard_id)
+    staging = shards.new_staging(cfg.scores_dir, shard_id)
+    shards.write_parquet(staging / f"{name}.parquet", table)
+    shards.commit(staging, cfg.scores_dir, shard_id, [f"{name}.parquet"], record | {"scorers": scorers},
+                  fingerprint=shard_fingerprint(cfg, shard_id))
 
 
 def merge_parts(cfg: RunConfig, shard_id: int, groups: list[str]) -> None:
     """Join the groups' parts of a shard (same keys, same order) into scores/NNNNN.parquet."""
     name = shards.shard_name(shard_id)
-    made_from = shard_fingerprint(cfg, shard_id)
+    made_from = part_fingerprint(cfg, shard_id)
     stats = [shards.read_stats(part_dir(cfg, g), shard_id) for g in groups]
     for g, st in zip(groups, stats):  # parts are checked at start too; this holds whatever happened since
         if (st.get("fingerprint") or {}).get("hash") != made_from["hash"]:
             raise shards.StageChanged(f"score part {g}/{name} was made differently: "
                                       f"{shards.explain_change(st.get('fingerprint'), made_from)}")
-    parts = [pq.read_table(part_dir(cfg, g) / f"{name}.parquet") for g in groups]
+    parts = [storage.read_parquet(shards.shard_file(part_dir(cfg, g), shard_id, ".parquet")) for g in groups]
     table = parts[0]
     for part in parts[1:]:
         assert part["key"].equals(table["key"]), f"score parts of shard {name} disagree on keys"
@@ -318,17 +300,27 @@ def merge_parts(cfg: RunConfig, shard_id: int, groups: list[str]) -> None:
                                  pa.array(errors, pa.string()))
         for col in part.column_names[2:]:
             table = table.append_column(part.schema.field(col), part[col])
-    errors = table["score_error"].drop_null().to_pylist()
-    reasons = [e.split(":")[0] for e in errors]
-    record = {"count": table.num_rows, "scored": table.num_rows - len(errors), "errors": len(errors),
-              "error_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
-              "scorers": [n for st in stats for n in st["scorers"]], "duration": sum(st["duration"] for st in stats)}
-    staging = shards.new_staging(cfg.scores_dir, shard_id)
-    shards.write_parquet(staging / f"{name}.parquet", table)
-    shards.commit(staging, cfg.scores_dir, shard_id, [f"{name}.parquet"], record, fingerprint=made_from)
+    record = _record(table, [n for st in stats for n in st["scorers"]], sum(st["duration"] for st in stats))
+    _commit_shard(cfg, shard_id, table, record)
     for g in groups:
-        for f in (f"{name}.parquet", f"{name}_stats.json"):
-            (part_dir(cfg, g) / f).unlink(missing_ok=True)
+        for suffix in (".parquet", "_stats.json"):
+            shards.shard_file(part_dir(cfg, g), shard_id, suffix).unlink(missing_ok=True)
+
+
+@dataclass
+class AestheticPass:
+    """Redo a committed score shard's aesthetic column from its stored CLIP embeddings (no image
+    decoded, no CLIP loaded): a Ray task per shard whose aesthetic head changed (``--redo``)."""
+
+    config: dict
+
+    def __call__(self, shard_id: int) -> dict:
+        start = time.time()
+        cfg = RunConfig.model_validate(self.config)
+        table = storage.read_parquet(shards.shard_file(cfg.scores_dir, shard_id, ".parquet"))
+        record = {k: v for k, v in shards.read_stats(cfg.scores_dir, shard_id).items() if k != "fingerprint"}
+        _commit_shard(cfg, shard_id, table, record | {"duration": record.get("duration", 0) + time.time() - start})
+        return record
 
 
 def score(cfg: RunConfig) -> dict:
@@ -337,15 +329,19 @@ def score(cfg: RunConfig) -> dict:
     CPU scorers run as Ray tasks and model scorers on an actor pool (a GPU per actor when
     the cluster has GPUs), at the same time; each writes its part of a shard, and a shard
     is committed once all its parts are in. A model that cannot load stops the stage here,
-    before any work (:func:`filters.clip.check_clip`).
+    before any work (:func:`filters.clip.check_clip`, :func:`filters.aesthetic.check_aesthetic`).
     """
-    from pipeline import ray_backend
+    from pipeline import dedup, ray_backend
     from pipeline.report import score_funnel
 
     if "clip" in cfg.score.scorers:
         from filters.clip import check_clip
 
         check_clip(cfg.score.clip.model, cfg.score.clip.pretrained)
+    if cfg.score.aesthetic.weights:
+        from filters.aesthetic import check_aesthetic
+
+        check_aesthetic(cfg.score.aesthetic.weights, cfg.score.clip.model)
     ray_backend.quiet_env()
     src, out = cfg.score_input, cfg.scores_dir
     available = shards.done_shards(src)
@@ -355,14 +351,21 @@ def score(cfg: RunConfig) -> dict:
     groups = {"cpu": [n for n in cfg.score.scorers if n not in MODEL_SCORERS],
               "model": [n for n in cfg.score.scorers if n in MODEL_SCORERS]}
     groups = {g: names for g, names in groups.items() if names}
-    out.mkdir(parents=True, exist_ok=True)
+    _mkdir(out)
     expected = functools.partial(shard_fingerprint, cfg)
-    redone = shards.stale_shards(out, expected, redo=cfg.redo, stage="score")  # refuses unless --redo
+    recorded = {sid: shards.read_stats(out, sid).get("fingerprint") for sid in shards.done_shards(out)}
+    rehead = {sid for sid, have in recorded.items()  # the aesthetic head alone changed: redone from the embeddings
+              if (have or {}).get("hash") != expected(sid)["hash"] and aesthetic_only(cfg, sid, have)}
+    if rehead and not cfg.redo:
+        shards.stale_shards(out, expected, redo=False, stage="score")  # refuses, naming the change
+    redone = shards.stale_shards(out, lambda sid: recorded[sid] if sid in rehead else expected(sid),
+                                 redo=cfg.redo, stage="score")  # refuses unless --redo
     for g in groups:
-        part_dir(cfg, g).mkdir(parents=True, exist_ok=True)
+        _mkdir(part_dir(cfg, g))
         shards.clear_staging(part_dir(cfg, g))
         # parts are not output: one made with other settings or from another raw shard is redone, never merged
-        stale = shards.stale_shards(part_dir(cfg, g), expected, redo=True, stage="score")
+        stale = shards.stale_shards(part_dir(cfg, g), functools.partial(part_fingerprint, cfg), redo=True,
+                                    stage="score")
         if stale:
             log.info("redoing %d %s part(s) made with other settings or inputs", len(stale), g)
     if redone:
@@ -371,22 +374,35 @@ def score(cfg: RunConfig) -> dict:
     shards.prune_failures(out, available)  # failure records of raw shards that no longer exist
     todo = sorted(available - shards.done_shards(out))
     failures: dict[int, BaseException] = {}
-    if todo:
+    if todo or rehead:
         ray_backend.init(cfg.resources.ray_address, cfg.resources.num_cpus)
+    if todo:
         _score_shards(cfg, groups, todo, failures)
+    if rehead:
+        log.info("redoing the aesthetic score of %d shard(s) from their stored embeddings", len(rehead))
+        for sid, result, _ in ray_backend.run_tasks(AestheticPass(cfg.model_dump()), sorted(rehead),
+                                                    desc="score (aesthetic)",
+                                                    max_retries=cfg.resources.score.max_retries):
+            if isinstance(result, Exception):
+                failures[sid] = result
     for sid, err in sorted(failures.items()):
         log.error("scoring shard %s failed: %s (rerun to retry it)", shards.shard_name(sid), err)
         shards.record_failure(out, sid, "score", f"{type(err).__name__}: {err}")
     if not shards.done_shards(out):
         log.error("no shard could be scored; no duplicate groups computed")
-    elif reason := dedup_staleness(cfg):
-        log.info("computing duplicate groups (scores/_dedup.parquet: %s)", reason)
-        dedup(cfg)
-    funnel = score_funnel(Path(cfg.output), cfg.scores_dir)
+    elif (reason := dedup.staleness(cfg)) is not None:
+        log.info("computing duplicate groups (scores/_dedup: %s)", reason)
+        dedup.run(cfg)
+    funnel = score_funnel(cfg.output, cfg.scores_dir)
     if failures:
         funnel["failed_shards"] = {str(k): f"{type(v).__name__}: {v}"[:500]
                                    for k, v in sorted(failures.items())}
     return funnel
+
+
+def _mkdir(folder) -> None:
+    if not storage.is_remote(folder):  # an object store has no folders: a key's prefix is one
+        storage.path(folder).mkdir(parents=True, exist_ok=True)
 
 
 def _score_shards(cfg: RunConfig, groups: dict, todo: list[int], failures: dict) -> None:
@@ -401,10 +417,11 @@ def _score_shards(cfg: RunConfig, groups: dict, todo: list[int], failures: dict)
     rows = {sid: json_count(src, sid) for sid in todo}
     dump = cfg.model_dump()
     lock = threading.Lock()
+    res = cfg.resources.score
 
     def merge_if_ready(sid: int) -> None:  # commit a shard as soon as all its parts are in
         with lock:
-            if sid in failures or sid in shards.done_shards(out):
+            if sid in failures or shards.stats_path(out, sid).exists():
                 return
             if all(shards.stats_path(part_dir(cfg, g), sid).exists() for g in groups):
                 try:
@@ -420,14 +437,21 @@ def _score_shards(cfg: RunConfig, groups: dict, todo: list[int], failures: dict)
             else:
                 merge_if_ready(sid)
 
+    # live metrics (rows/s, success rate, errors, per node) of the pool that sees every row once:
+    # the model actors when there are any, else the CPU tasks
+    primary = "model" if "model" in groups else "cpu"
+    metrics = ray_backend.StageMetrics(out, "score", summarize=lambda r: {
+        "rows": r["count"], "ok": r["scored"], "errors": r["error_reasons"]})
     thread_error: list[BaseException] = []
 
     def run_cpu() -> None:  # an exception here must fail the command, not end a thread quietly
         try:
-            stage = ScoreShard(dump, "cpu", groups["cpu"], with_hash=True)
+            stage = ScoreShard(dump, "cpu", groups["cpu"], threads=int(res.cpus_per_actor), with_hash=True)
             pending = sorted(set(todo) - shards.done_shards(part_dir(cfg, "cpu")))
             collect(ray_backend.run_tasks(stage.as_task, pending, desc="score (cpu)", unit="img",
-                                          weight=lambda s: rows[s], num_cpus=1))
+                                          weight=lambda s: rows[s], num_cpus=res.cpus_per_actor,
+                                          max_retries=res.max_retries,
+                                          metrics=metrics if primary == "cpu" else None))
         except BaseException as e:
             thread_error.append(e)
 
@@ -435,16 +459,14 @@ def _score_shards(cfg: RunConfig, groups: dict, todo: list[int], failures: dict)
     if thread:
         thread.start()
     if "model" in groups:
-        gpus = cfg.resources.gpus_per_actor
-        if gpus is None:
-            gpus = 1.0 if ray_backend.cluster_gpus() >= 1 else 0.0
-        cpus = cfg.resources.cpus_per_actor
-        actors = cfg.score.actors or (int(ray_backend.cluster_gpus() / gpus) if gpus else
-                                      max(1, int(ray_backend.cluster_cpus() / cpus) - (1 if thread else 0)))
-        stage = ScoreShard(dump, "model", groups["model"], threads=int(cpus), with_hash="cpu" not in groups)
+        pool = ray_backend.actor_resources(res, actors=cfg.score.actors)
+        if thread and not pool["num_gpus"] and not (cfg.score.actors or res.actors):
+            pool["actors"] = max(1, pool["actors"] - 1)  # CPU actors: leave a CPU to the CPU scorers' tasks
+        stage = ScoreShard(dump, "model", groups["model"], threads=int(pool["num_cpus"]),
+                           with_hash="cpu" not in groups)
         pending = sorted(set(todo) - shards.done_shards(part_dir(cfg, "model")))
-        collect(ray_backend.run_actor_pool(stage, pending, desc="score (model)", actors=actors, num_cpus=cpus,
-                                           num_gpus=gpus, weight=lambda s: rows[s], unit="img"))
+        collect(ray_backend.run_actor_pool(stage, pending, desc="score (model)", weight=lambda s: rows[s],
+                                           unit="img", metrics=metrics, **pool))
     if thread:
         thread.join()
     if thread_error:
@@ -452,10 +474,11 @@ def _score_shards(cfg: RunConfig, groups: dict, todo: list[int], failures: dict)
             from thread_error[0]
     for sid in todo:  # parts finished by an earlier, killed run
         merge_if_ready(sid)
-    for sid in set(todo) - shards.done_shards(out) - set(failures):  # never a shard neither done nor failed
+    done = shards.done_shards(out)
+    for sid in set(todo) - done - set(failures):  # never a shard neither done nor failed
         failures[sid] = RuntimeError("a part of this shard never came back")
 
 
-def json_count(folder: Path, shard_id: int) -> int:
+def json_count(folder, shard_id: int) -> int:
     stats = shards.read_stats(folder, shard_id)
     return int(stats.get("successes", stats.get("count", 1)))

@@ -56,6 +56,11 @@ def digits(folder) -> int:
     return _DIGITS[key]
 
 
+def set_digits(folder, digits: int) -> None:
+    """Declare the digits of a folder's shard names (before its first commit names them)."""
+    _DIGITS[storage.url(folder)] = digits
+
+
 def shard_file(folder, shard_id: int, suffix: str):
     """``FOLDER/NNNNN<suffix>`` (``.tar``, ``.parquet``, ``_stats.json``), named as the folder names its shards."""
     return storage.path(folder) / f"{shard_name(shard_id, digits(folder))}{suffix}"

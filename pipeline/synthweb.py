@@ -387,8 +387,7 @@ def write_curated_run(output: str | Path, n: int, per_shard: int = 10, seed: int
     import json
 
     from pipeline import shards
-    from pipeline.recaption import SCHEMA as CAPTIONS
-    from pipeline.select import SCHEMA as SELECTION
+    from pipeline.schemas import CAPTIONS, SELECTION, kept_digest
 
     out, rng = Path(output), random.Random(seed)
     fates: dict[str, str] = {}
@@ -410,7 +409,8 @@ def write_curated_run(output: str | Path, n: int, per_shard: int = 10, seed: int
             if fate != "missing":
                 samples.append((key, {"jpg": body, "txt": alt.encode()}))
             raw.append({"key": key, "caption": alt, "url": f"http://synthetic.test/{key}.jpg", "status": "success",
-                        "width": w, "height": h, "original_width": w * 2, "original_height": h * 2})
+                        "width": w, "height": h, "original_width": w * 2, "original_height": h * 2,
+                        "source": "synthetic", "punsafe": round(0.01 * (i % 7), 2)})  # input name, an input column
             scores.append({"key": key, "clip_score": 0.2 + 0.01 * (i % 10), "min_side": min(w, h)})
             sel.append({"key": key, "keep": keep, "reason": None if keep else "clip_score >= 0.25"})
             if keep:
@@ -429,6 +429,8 @@ def write_curated_run(output: str | Path, n: int, per_shard: int = 10, seed: int
             table = pa.Table.from_pylist(rows, schema=schema) if schema is not None else pa.Table.from_pylist(rows)
             shards.write_parquet(out / sub / f"{name}.parquet", table)
             stats = {"count": len(rows), "successes": len(rows), "kept": sum(r.get("keep", True) for r in rows)}
+            if sub == "selection":  # what `tapir select` records: the build plans from it
+                stats.update(rows=len(rows), kept_digest=kept_digest(r["key"] for r in rows if r["keep"]))
             (out / sub / f"{name}_stats.json").write_text(json.dumps(stats))
     write_selection_summary(out, n, len(fates))
     return fates
@@ -441,7 +443,8 @@ def write_selection_summary(out: Path, rows: int, kept: int) -> None:
 
     from pipeline import shards
     from pipeline.config import RunConfig
-    from pipeline.select import SUMMARY, selection_fingerprint
+    from pipeline.schemas import SELECTION_SUMMARY as SUMMARY
+    from pipeline.select import selection_fingerprint
 
     cfg = RunConfig(output=str(out))
     sel = out / "selection"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
-from pipeline import shards
+from pipeline import shards, storage
+from pipeline.schemas import EMBEDDING, IMAGE_MEMBERS
 
 log = logging.getLogger(__name__)
 
@@ -20,19 +21,30 @@ HISTOGRAMS = [("clip_score", "CLIP score"), ("min_side", "shorter side (px)"),
               ("text_area", "text area fraction"), ("junk_alt", "junk alt-text score")]
 
 
-def _joined(run_dir: Path) -> pa.Table:
-    from pipeline.score import read_scores
+def sample_ids(ids, n: int) -> list[int]:
+    """``n`` shard ids spread evenly over ``ids`` (all of them when there are fewer)."""
+    ids = sorted(ids)
+    if len(ids) <= n:
+        return ids
+    return sorted({ids[round(i * (len(ids) - 1) / max(1, n - 1))] for i in range(n)})
 
-    scores = read_scores(run_dir / "scores")
-    scores = scores.drop_columns([c for c in ("clip_embedding",) if c in scores.column_names])
-    sel_dir = run_dir / "selection"
-    if shards.done_shards(sel_dir):
-        sel = pa.concat_tables([pq.read_table(sel_dir / f"{shards.shard_name(i)}.parquet")
-                                for i in sorted(shards.done_shards(sel_dir))])
-        order = {k: i for i, k in enumerate(sel["key"].to_pylist())}
-        take = pa.array([order.get(k) for k in scores["key"].to_pylist()], pa.int64())
-        scores = scores.append_column("keep", sel["keep"].take(take)).append_column("reason", sel["reason"].take(take))
-    return scores
+
+def _joined(run_dir, ids: list[int]) -> pa.Table:
+    """Scores (no embeddings) of the score shards ``ids``, with the selection's keep and reason
+    and the shard each row came from (``_shard``)."""
+    run = storage.path(run_dir)
+    tables = []
+    for sid in ids:
+        path = shards.shard_file(run / "scores", sid, ".parquet")
+        names = [c for c in storage.read_schema(path).names if c != EMBEDDING]
+        t = storage.read_parquet(path, columns=names)
+        sel = run / "selection"
+        if shards.stats_path(sel, sid).exists():
+            s = storage.read_parquet(shards.shard_file(sel, sid, ".parquet"), columns=["key", "keep", "reason"])
+            take = pc.index_in(t["key"], value_set=s["key"])
+            t = t.append_column("keep", s["keep"].take(take)).append_column("reason", s["reason"].take(take))
+        tables.append(t.append_column("_shard", pa.array([sid] * t.num_rows, pa.int64())))
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def histograms(table: pa.Table, out: Path) -> list[Path]:
@@ -69,19 +81,18 @@ def histograms(table: pa.Table, out: Path) -> list[Path]:
     return paths
 
 
-def _image(raw: Path, key: str, cache: dict):
-    """The stored image of ``key`` (img2dataset keys start with the shard number)."""
-
-    sid = int(key[: shards.SHARD_DIGITS])
+def _image(raw, sid: int, key: str, cache: dict):
+    """The stored image of ``key`` in raw shard ``sid`` (one tar at a time in the cache)."""
     if sid not in cache:
-        tar = raw / f"{shards.shard_name(sid)}.tar"
+        cache.clear()
+        tar = shards.shard_file(raw, sid, ".tar")
         try:
             cache[sid] = shards.read_tar(tar) if tar.exists() else {}
         except shards.UnsafeTar as e:  # a tampered raw tar: the grid shows blanks
             log.warning("%s", e)
             cache[sid] = {}
     member = cache[sid].get(key, {})
-    data = next((member[e] for e in ("jpg", "jpeg", "png", "webp") if e in member), None)
+    data = next((member[e] for e in IMAGE_MEMBERS if e in member), None)
     if data is None:
         return None
     try:
@@ -110,7 +121,7 @@ def sample_grid(table: pa.Table, raw: Path, out: Path, per_side: int = 12, thumb
         y += 18
         for i, r in enumerate(group):
             x, yy = (i % cols) * cell_w, y + (i // cols) * cell_h
-            im = _image(raw, r["key"], cache)
+            im = _image(raw, r["_shard"], r["key"], cache)
             if im is not None:
                 im.thumbnail((thumb, thumb))
                 grid.paste(im, (x + 4, yy))
@@ -127,7 +138,7 @@ def sample_grid(table: pa.Table, raw: Path, out: Path, per_side: int = 12, thumb
     return path
 
 
-def caption_visuals(run_dir: Path, out: Path, n: int = 8) -> list[Path]:
+def caption_visuals(run_dir, out: Path, ids: list[int], n: int = 8) -> list[Path]:
     """Caption lengths before (alt-text) and after (short, descriptive), and a grid of images
     with their three captions side by side."""
     import textwrap
@@ -138,10 +149,12 @@ def caption_visuals(run_dir: Path, out: Path, n: int = 8) -> list[Path]:
     import matplotlib.pyplot as plt
     from PIL import Image, ImageDraw
 
-    folder = run_dir / "captions"
-    table = pa.concat_tables([pq.read_table(folder / f"{shards.shard_name(i)}.parquet")
-                              for i in sorted(shards.done_shards(folder))])
-    rows = table.to_pylist()
+    folder = storage.path(run_dir) / "captions"
+    rows = []
+    for sid in ids:
+        table = storage.read_parquet(shards.shard_file(folder, sid, ".parquet"),
+                                     columns=["key", "alt_text", "short", "descriptive", "reason"])
+        rows += [{**r, "_shard": sid} for r in table.to_pylist()]
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     for col, label in (("alt_text", "alt-text (before)"), ("short", "short"), ("descriptive", "descriptive")):
         words = [len(r[col].split()) for r in rows if r[col]]
@@ -160,7 +173,7 @@ def caption_visuals(run_dir: Path, out: Path, n: int = 8) -> list[Path]:
     draw, cache = ImageDraw.Draw(grid), {}
     for i, r in enumerate(shown):
         y = i * (thumb + 12)
-        im = _image(run_dir / "raw", r["key"], cache)
+        im = _image(storage.path(run_dir) / "raw", r["_shard"], r["key"], cache)
         if im is not None:
             im.thumbnail((thumb, thumb))
             grid.paste(im, (4, y + 4))
@@ -204,31 +217,51 @@ def training_visuals(run: Path, out: Path) -> tuple[Path, Path] | None:
     return curve, samples
 
 
-def write_visuals(run_dir: Path, funnel: dict, out: Path) -> Path:
+def write_visuals(run_dir, funnel: dict, out, sample_shards: int = 8) -> object:
+    """report/index.html with histograms, a grid of kept and dropped examples and the captions,
+    drawn from ``sample_shards`` shards spread over the run (never from every row); on an
+    object store the files are drawn locally, then uploaded."""
+    import tempfile
+
+    if storage.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="tapir-report-") as tmp:
+            page = _write_visuals(run_dir, funnel, Path(tmp), sample_shards)
+            for p in Path(tmp).iterdir():
+                storage.upload(p, storage.path(out) / p.name)
+        return storage.path(out) / page.name
+    return _write_visuals(run_dir, funnel, storage.local(out), sample_shards)
+
+
+def _write_visuals(run_dir, funnel: dict, out: Path, sample_shards: int) -> Path:
     from pipeline.report import format_stage
 
+    run = storage.path(run_dir)
     parts = ["<!doctype html><meta charset=utf-8><title>Tapir report</title>",
              "<style>body{font-family:sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em}"
              "img{margin:4px;border:1px solid #ddd}</style>",
-             f"<h1>Tapir report: {html.escape(str(run_dir))}</h1><h2>Funnel</h2>"]
+             f"<h1>Tapir report: {html.escape(storage.url(run))}</h1><h2>Funnel</h2>"]
     for stage in funnel.values():
         parts.append(f"<pre>{html.escape(format_stage(stage))}</pre>")
     if "score" in funnel:
-        table = _joined(run_dir)
-        parts.append("<h2>Score distributions</h2>")
+        ids = sample_ids(shards.done_shards(run / "scores"), sample_shards)
+        table = _joined(run, ids)
+        parts.append(f"<h2>Score distributions</h2><p>{table.num_rows} rows of {len(ids)} sampled score shard(s): "
+                     f"{', '.join(shards.shard_name(i) for i in ids)}</p>")
         parts += [f'<img src="{p.name}" alt="{p.stem}">' for p in histograms(table, out)]
         if "keep" in table.column_names:
-            grid = sample_grid(table, run_dir / "raw", out)
+            grid = sample_grid(table, run / "raw", out)
             parts.append(f'<h2>Kept and dropped examples</h2><img src="{grid.name}" alt="samples">')
     if "recaption" in funnel:
-        hist, captions = caption_visuals(run_dir, out)
+        ids = sample_ids(shards.done_shards(run / "captions"), sample_shards)
+        hist, captions = caption_visuals(run, out, ids)
         parts.append(f'<h2>Captions</h2><img src="{hist.name}" alt="caption lengths">'
                      f'<br><img src="{captions.name}" alt="captions">')
-    for run in sorted(p for p in (run_dir / "runs").glob("*") if p.is_dir()):
-        training = training_visuals(run, out)
+    local = storage.local(run)
+    for train in sorted(p for p in (local / "runs").glob("*") if p.is_dir()) if local else []:
+        training = training_visuals(train, out)
         if training:
             curve, samples = training
-            parts.append(f'<h2>Training: runs/{html.escape(run.name)}</h2><img src="{curve.name}" alt="loss">'
+            parts.append(f'<h2>Training: runs/{html.escape(train.name)}</h2><img src="{curve.name}" alt="loss">'
                          f'<br><img src="{samples.name}" alt="samples of the fixed prompts (EMA)">')
     parts.append(f"<h2>funnel.json</h2><pre>{html.escape(json.dumps(funnel, indent=2))}</pre>")
     page = out / "index.html"

@@ -31,8 +31,11 @@ class PromptTemplate(BaseModel):
 
 
 def load_prompt(name: str) -> PromptTemplate:
-    """A template by name (``descriptive-v1``, looked up in configs/prompts/) or by path."""
-    path = Path(name)
+    """A template by name (``descriptive-v1``, looked up in configs/prompts/), by path or by
+    URL (``s3://bucket/prompts/mine-v1.yaml``)."""
+    from pipeline import storage
+
+    path = storage.path(name)
     if not path.suffix:
         path = PROMPTS / f"{name}.yaml"
     if not path.exists():

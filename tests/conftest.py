@@ -18,6 +18,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 GUARD_DIR = HERE / "netguard"
 sys.path.insert(0, str(GUARD_DIR))
+sys.path.insert(1, str(HERE))  # test helpers (s3server)
 
 import tapir_netguard  # noqa: E402
 
@@ -47,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def violations() -> list[str]:
-    return [l for l in Path(os.environ["TAPIR_NETGUARD_LOG"]).read_text().splitlines() if "VIOLATION" in l]
+    return [line for line in Path(os.environ["TAPIR_NETGUARD_LOG"]).read_text().splitlines() if "VIOLATION" in line]
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +93,24 @@ def url_list(web, world, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def local_ray():
+def s3_server():
+    """moto's S3 server on loopback for the session; the environment (AWS_ENDPOINT_URL, fake keys)
+    points every process the tests start at it while it runs."""
+    from s3server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server) -> str:
+    """A fresh, empty bucket on the loopback S3 server: ``"s3://BUCKET"``."""
+    return s3_server.bucket()
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3_server):
+    """Ray in this process for the session; started after the S3 server, so its workers see the endpoint."""
     from pipeline import ray_backend
 
     ray_backend.init(num_cpus=2)

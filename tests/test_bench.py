@@ -97,3 +97,44 @@ def test_build_bench_runs_the_stage_class_and_the_bare_model_alike(tmp_path):
                         "--batch", "4", "--procs", "1", "--threads", "1")
     check_like_for_like(figures, 8, 1, 1)
     assert figures["runs"]["stage"][0]["encode_s"] > 0  # the stage's own timing, from its shard records
+
+
+def test_scale_bench_data_goes_through_every_step(tmp_path, local_ray):
+    """bench/scale.py's synthetic run folder is one the stages accept, at a toy size: the planner
+    plans every input row, dedup marks as many rows as were planted as duplicates (exact, near,
+    semantic, spread over other shards), the build plan holds the rows select kept, and the
+    report's lineage breaks only where the build itself has not run."""
+    import scale
+
+    info = scale.generate(tmp_path, 1200, 300, 16, 0, 2)
+    assert info["shards"] == 4 and all(info["planted"][k] == 12 for k in ("exact", "near", "semantic"))
+    ctx = scale.Ctx(tmp_path, 300, 2)
+    results = {name: fn(ctx) for name, (_, fn, *_) in scale.STEPS.items()}
+    assert results["plan"]["rows"] == 1200
+    found = scale.dedup_found(tmp_path / "run" / "scores")
+    assert set(found) == {"exact", "near", "semantic"}
+    assert sum(found.values()) == sum(info["planted"][k] for k in ("exact", "near", "semantic"))
+    kept = results["select"]["kept"]
+    assert 0 < kept < 1200 and results["build_plan"]["samples"] == kept
+    assert results["report"]["problems"] and all("build: shard" in p for p in results["report"]["problems"])
+    assert scale.generate(tmp_path, 1200, 300, 16, 0, 2) == info  # reused, not written again
+
+
+@pytest.mark.slow
+def test_scale_bench_measures_each_step_in_its_own_process_and_ends_on_the_memory_ratio(tmp_path):
+    out = tmp_path / "figures.json"
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--small", "600", "--factor", "2",
+                           "--per-shard", "200", "--steps", "dedup,select", "--work", str(tmp_path / "w"),
+                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["sizes"] == [600, 1200] and set(figures["steps"]) == {"dedup", "select"}
+    for step in figures["steps"].values():
+        for run in (step["small"], step["large"]):
+            assert run["seconds"] > 0 and run["driver_peak"] >= run["driver_base"] > 0
+        assert step["time_ratio"] == pytest.approx(step["large"]["seconds"] / step["small"]["seconds"])
+    pids = {step[size]["pid"] for step in figures["steps"].values() for size in ("small", "large")}
+    assert len(pids) == 4 and os.getpid() not in pids  # a fresh process for every step at every size
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("peak driver memory, large / small: ") and f"{figures['memory_ratio']:.3f}" in last

@@ -26,6 +26,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.encoders import (load_text_encoder, save_tiny_clip_text_encoder, save_tiny_kl, save_tiny_text_encoder,
                                save_tiny_vq)
 from pipeline.manifest import FingerprintMismatch, check_encoder, verify
+from pipeline.schemas import kept_digest
 from pipeline.synthweb import write_curated_run, write_selection_summary
 
 N_ROWS = 30  # 20 kept rows, 3 of them bad (corrupt image, missing image, no caption)
@@ -380,9 +381,9 @@ def test_shards_are_cut_by_bytes_and_captions_are_optional(curated, tmp_path, lo
     assert len(manifest["shards"]) >= 5
     # a plan from the raw image sizes, not a promise: the re-encoded image can differ a little
     assert all(s["bytes"] <= 40000 * 1.1 for s in manifest["shards"]), manifest["shards"]
-    plan = pq.read_table(cfg.shards_dir / "_plan.parquet").to_pandas()
-    assert plan.groupby("shard")["est_bytes"].sum().max() <= 40000 - 10240  # room for the end blocks
-    assert plan.groupby("shard").size().max() > 1
+    planned = [shards.read_stats(cfg.shards_dir, sid) for sid in shards.done_shards(cfg.shards_dir)]
+    assert max(s["planned_bytes"] for s in planned) <= 40000 - 10240  # room for the end blocks
+    assert max(s["planned"] for s in planned) > 1
 
 
 def test_kill_then_resume_gives_identical_shards(curated, models, built, tmp_path):
@@ -481,11 +482,15 @@ def _change_source_2(run: Path, what: str) -> None:
         first = next(r for r in rows if r["keep"])
         first.update(keep=False, reason="clip_score >= 0.3")
         pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+        record = shards.read_stats(run / "selection", 2)  # and its record, as `tapir select` commits it
+        record.update(kept=record["kept"] - 1, kept_digest=kept_digest(r["key"] for r in rows if r["keep"]))
     else:  # recaptioned since
         path = run / "captions" / "00002.parquet"
         table = pq.read_table(path)
         pq.write_table(table.set_column(table.schema.get_field_index("short"), "short",
                                         pa.array(["a new caption"] * table.num_rows)), path)
+        record = {**shards.read_stats(run / "captions", 2), "end_time": 2.0}  # a new commit, a new record
+    shards.stats_path(path.parent, 2).write_text(json.dumps(record))
 
 
 @pytest.mark.parametrize("what", ["selection", "captions"])
@@ -547,8 +552,8 @@ def test_build_config_is_checked_before_work(tmp_path):
 def test_text_settings_change_the_fingerprint_and_speed_settings_do_not(tmp_path):
     from pipeline.build import shard_fingerprint
 
-    rows = [{"key": "a", "source": 0, "width": 64, "height": 64}]
-    hashes = [shard_fingerprint(_config(tmp_path, *sets), rows, {0: {}})["hash"] for sets in (
+    slices = [(0, 0, 1)]
+    hashes = [shard_fingerprint(_config(tmp_path, *sets), slices, {0: {}})["hash"] for sets in (
         [], ["build.text.captions=[descriptive]"], ["build.text.hidden_layer=-2"], ["build.text.pooled=false"],
         ["build.actors=3", "build.decode_threads=5", f"build.output={tmp_path / 'elsewhere'}"])]
     assert len(set(hashes[:4])) == 4 and hashes[4] == hashes[0]
@@ -625,3 +630,75 @@ def test_a_model_that_cannot_load_stops_build_before_any_work(curated, models, t
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith(f"tapir: cannot load {bad} (build.{key}.model): ") and reason in lines[0], lines[0]
     assert not (run / "shards").exists()  # before any work
+
+
+def test_the_driver_plans_from_records_and_reads_no_row(tmp_path, local_ray, monkeypatch):
+    """The whole build with the driver forbidden to read a parquet table or open a tar: the plan
+    comes from the selection's completion records (kept counts and digests), the rows are read in
+    the tasks and actors. The input's name (``source``) and its columns reach the sample's json."""
+    import tarfile
+
+    run = tmp_path / "run"
+    fates = write_curated_run(run, N_ROWS, per_shard=10)
+    cfg = _config(run, "build.max_shard_bytes=40000")
+    reads = []
+
+    def tripwire(*args, **kwargs):
+        reads.append(args[:1])
+        raise AssertionError(f"the driver read rows: {args[:1]}")
+
+    monkeypatch.setattr(pq, "read_table", tripwire)
+    monkeypatch.setattr(tarfile, "open", tripwire)
+    funnel = build(cfg)
+    monkeypatch.undo()
+    assert reads == []
+    assert funnel["written"] == 17 and funnel["rows_in"] == len(fates)
+    plan = json.loads((cfg.shards_dir / "_plan.json").read_text())
+    assert plan["sources"] == [[0, 7], [1, 7], [2, 6]] and plan["samples"] == 20  # counts per source, no key
+    assert not (cfg.shards_dir / "_plan.parquet").exists()
+    planned = [shards.read_stats(cfg.shards_dir, sid) for sid in sorted(shards.done_shards(cfg.shards_dir))]
+    assert 1 < plan["per_shard"] < 6 and [s["planned"] for s in planned[:-1]] == [plan["per_shard"]] * (
+        len(planned) - 1)  # cut by bytes: as many of the largest sample as fit
+    assert max(s["planned_bytes"] for s in planned) <= 40000 - 10240
+    assert sorted(p.name for p in (cfg.shards_dir / "_sizes").iterdir()) == ["00000.json", "00001.json", "00002.json"]
+    record = json.loads(next(iter(_samples(cfg.shards_dir).values()))["json"])
+    assert record["source"] == "synthetic" and set(record["input"]) == {"punsafe"}
+    monkeypatch.setattr(tarfile, "open", tripwire)  # a rerun measures nothing again: the sizes are cached
+    assert build(cfg)["written"] == 17 and reads == []
+
+
+def test_verify_as_tasks_finds_a_key_in_two_shards(built, tmp_path):
+    """A sample copied into another shard, the manifest updated to match: only the cross-shard
+    key check (hash-partitioned, one task per partition) can find it."""
+    import hashlib
+
+    cfg, _ = built
+    folder = tmp_path / "shards"
+    shutil.copytree(cfg.shards_dir, folder)
+    first = shards.read_tar(folder / "00000.tar")
+    key = sorted(first)[0]
+    tar = folder / "00002.tar"
+    samples = shards.read_tar(tar)
+    samples[key] = first[key]
+    shards.write_tar(tar, sorted(samples.items()))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["name"] == "00002.tar")
+    entry.update(bytes=tar.stat().st_size, sha256=hashlib.sha256(tar.read_bytes()).hexdigest(),
+                 samples=entry["samples"] + 1)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    faults, summary = verify(folder, progress=False, keys_per_partition=4, local_below=0)  # tasks, 5 partitions
+    assert faults == [f"00002.tar: sample {key} also in 00000.tar"] and summary["shards"] == 4
+    assert not (folder / "_verify").exists()
+
+
+def test_report_draws_its_visuals_from_a_sample_of_shards(tmp_path, local_ray):
+    from pipeline.report import report
+
+    run = tmp_path / "run"
+    write_curated_run(run, N_ROWS, per_shard=5)  # 6 shards
+    funnel, _ = report(run, sample_shards=2)
+    assert funnel["select"]["kept"] == 20 and funnel["recaption"]["rows_in"] == 20
+    assert funnel["download"]["rows_out"] == N_ROWS and funnel["lineage"]["counts"]["kept"] == 20
+    page = (run / "report" / "index.html").read_text()
+    assert "of 2 sampled score shard(s): 00000, 00005" in page
+    assert (run / "report" / "samples.png").exists() and (run / "report" / "captions.png").exists()

@@ -17,7 +17,7 @@ from test_fetch import RawServer, answer, continue_forever, dribble_headers, nev
 
 from pipeline import download as download_mod
 from pipeline import shards
-from pipeline.download import RETRYABLE, ShardTask, classify, download, plan
+from pipeline.download import RETRYABLE, ShardTask, classify, download, download_settings, jobs, prepare
 from pipeline.fetch import FetchPolicy, install
 from pipeline.report import report
 from pipeline.synthweb import WebServer, build_world
@@ -230,9 +230,9 @@ def _one_shard_in_process(cfg):
     """Plan and download shard 0 in this process (no Ray), as a download worker does."""
     saved = urllib.request._opener
     try:
-        column_list, todo, fingerprint = plan(cfg)
-        sid, path, _ = todo[0]
-        ShardTask(cfg.model_dump(), column_list, fingerprint)((sid, path, "first"))
+        todo = list(jobs(cfg, prepare(cfg)))  # the whole plan (raw/_input/input.json then counts its rows)
+        sid = todo[0][0]
+        ShardTask(cfg.model_dump(), download_settings(cfg))(todo[0])
     finally:
         urllib.request.install_opener(saved)
     return pq.read_table(cfg.raw_dir / f"{shards.shard_name(sid)}.parquet").to_pylist()
@@ -263,9 +263,7 @@ def test_rows_img2dataset_drops_are_recorded_as_lost_and_retried(local_ray, tmp_
         assert [r["row_id"] for r in lost] == [2] and lost[0]["status"] == "failed_to_download"
         assert lost[0]["url"] == server.base_url + world.rows[2]["path"]  # the input row, whole
         # the stage's funnel fails while the row stays lost ...
-        from pipeline.report import download_funnel
-
-        funnel = download_mod._funnel(cfg, download_funnel, {}, set())
+        funnel = download_mod._funnel(cfg, {}, set())
         assert funnel["lost_rows"] == 1 and "1 row(s)" in funnel["failed_shards"]["0"]
         assert funnel["rows_out"] == funnel["rows_in"] == 6
         # ... and a rerun fetches it again, even with no retry passes configured (the resizer works now)
@@ -286,3 +284,89 @@ def test_rows_with_a_date_column_are_kept(tmp_path):
         rows = _one_shard_in_process(make_config(tmp_path / "run", tmp_path / "urls.parquet"))
     assert [r["status"] for r in rows] == ["success"] * 3
     assert [r["published"] for r in rows] == [datetime.date(2020, 1, i + 1) for i in range(3)]
+
+
+# -- several inputs, face blurring, input hashes, 8-digit shards ---------------------------
+
+
+def _checkerboard_png() -> bytes:
+    import numpy as np
+
+    cells = (np.indices((64, 64)) // 8).sum(axis=0) % 2
+    buf = io.BytesIO()
+    Image.fromarray((cells * 255).astype("uint8")).convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mixed(local_ray, tmp_path_factory):
+    """Two inputs in one run: a DataComp-like parquet (face boxes, sha256) and a LAION-like csv.gz."""
+    import hashlib
+
+    import pyarrow.csv as pcsv
+
+    from pipeline.config import load_config
+    from pipeline.synthweb import Resource, World
+
+    from conftest import FAST
+
+    world = build_world(6, seed=14, noisy=False)
+    sharp = _checkerboard_png()
+    world = World(world.rows, {**world.resources, "/sharp.png": Resource(sharp, content_type="image/png")})
+    tmp = tmp_path_factory.mktemp("mixed")
+    with WebServer(world) as server:
+        url = [server.base_url + r["path"] for r in world.rows]
+        box = [[0.375, 0.375, 0.625, 0.625]]
+        pq.write_table(pa.table({
+            "uid": ["blurred", "plain", "wrong_hash", "no_hash"],
+            "url": [server.base_url + "/sharp.png"] * 2 + url[:2],
+            "text": ["a", "b", "c", "d"],
+            "face_bboxes": [box, None, None, box[:0]],
+            "sha256": [hashlib.sha256(sharp).hexdigest()] * 2 + ["00" * 32, None],
+        }), tmp / "datacomp.parquet")
+        laion = world.table(server.base_url).slice(2, 4).select(["URL", "TEXT", "row_id"])
+        pcsv.write_csv(laion, tmp / "laion.csv")
+        with open(tmp / "laion.csv", "rb") as src, pa.CompressedOutputStream(str(tmp / "laion.csv.gz"), "gzip") as dst:
+            dst.write(src.read())
+        inputs = [{"name": "datacomp", "path": str(tmp / "*.parquet"), "preset": "datacomp"},
+                  {"name": "laion", "path": str(tmp / "laion.csv.gz"), "preset": "laion"}]
+        cfg = load_config(None, [o for o in FAST if not o.startswith("input.")] + [
+            "download.samples_per_shard=3", "download.shard_digits=8", "download.blur_bbox_col=face_bboxes",
+            "download.resize_mode='no'", "download.encode_format=png", "download.encode_quality=9",
+            "download.retry_passes=0"], base={"output": str(tmp / "run"), "input": inputs})
+        funnel = download(cfg)
+    return cfg, funnel, shards.read_metadata(cfg.raw_dir).to_pylist()
+
+
+def test_two_sources_mix_with_distinct_keys_and_a_source_tag(mixed):
+    cfg, funnel, rows = mixed
+    assert funnel["rows_in"] == funnel["rows_out"] == 8 and funnel["lineage_ok"]
+    assert sorted(p.name for p in cfg.raw_dir.glob("*.tar")) == [f"{i:08d}.tar" for i in range(4)]
+    assert len({r["key"] for r in rows}) == 8 and all(len(r["key"]) == 8 + 1 for r in rows)
+    by_source = {s: sorted(r["key"][:8] for r in rows if r["source"] == s) for s in ("datacomp", "laion")}
+    assert by_source == {"datacomp": ["00000000"] * 3 + ["00000001"], "laion": ["00000002"] * 3 + ["00000003"]}
+    for sid in range(4):  # the source reaches each sample's json too
+        for key, sample in shards.read_tar(shards.shard_file(cfg.raw_dir, sid, ".tar")).items():
+            assert json.loads(sample["json"])["source"] == ("datacomp" if sid < 2 else "laion")
+
+
+def test_input_hash_is_kept_and_checked(mixed):
+    _, _, rows = mixed
+    dc = {r["uid"]: r for r in rows if r["source"] == "datacomp"}
+    assert dc["wrong_hash"]["error_reason"] == "hash_mismatch" and dc["wrong_hash"]["input_sha256"] == "00" * 32
+    assert dc["plain"]["status"] == "success" and dc["plain"]["input_sha256"] == dc["plain"]["sha256"]
+    assert dc["no_hash"]["status"] == "success" and dc["no_hash"]["input_sha256"] is None  # nothing to check
+
+
+def test_a_face_box_is_blurred(mixed):
+    import numpy as np
+
+    cfg, _, rows = mixed
+    keys = {r["uid"]: r["key"] for r in rows if r["source"] == "datacomp"}
+    tar = shards.read_tar(shards.shard_file(cfg.raw_dir, 0, ".tar"))
+    blurred, plain = (np.asarray(Image.open(io.BytesIO(tar[keys[k]]["png"]))).astype(int) for k in ("blurred", "plain"))
+    assert blurred.shape == plain.shape == (64, 64, 3)
+    assert np.abs(blurred[24:40, 24:40] - plain[24:40, 24:40]).mean() > 20  # the box: smoothed edges
+    outside = np.ones((64, 64), bool)
+    outside[14:50, 14:50] = False
+    assert (blurred[outside] == plain[outside]).all()  # the rest: untouched

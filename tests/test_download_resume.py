@@ -36,7 +36,7 @@ def test_changed_settings_and_inputs_are_refused_naming_them(local_ray, tmp_path
         for sid in shards.done_shards(cfg.raw_dir):  # every completion record says what made it
             fp = shards.read_stats(cfg.raw_dir, sid)["fingerprint"]
             assert fp["settings"]["download.samples_per_shard"] == 3 and "download.threads" not in fp["settings"]
-            assert list(fp["upstream"]) == ["raw/_input/input.parquet"]
+            assert list(fp["upstream"]) == [f"raw/_input/{shards.shard_name(sid)}.parquet"]  # its planned rows
         assert json.loads((cfg.raw_dir / "_input" / "input.json").read_text())["fingerprint"]["settings"][
             "input.caption_col"] == "TEXT"
 
@@ -115,3 +115,53 @@ def test_a_hanging_shard_is_cancelled_and_recorded_as_failed(local_ray, tmp_path
     assert sorted(shards.done_shards(cfg.raw_dir)) == [0]
     assert "within 10s" in funnel["failed_shards"]["1"]
     assert "within 10s" in shards.failed_shards(cfg.raw_dir)[1]
+
+
+def test_trial_run_then_the_rest_then_extend_fetches_each_row_once(local_ray, tmp_path):
+    """--max-shards plans part of the input, a plain rerun the rest; rows appended to the file and a
+    new file are then downloaded with --extend as new shards, and nothing before is fetched again."""
+    world = build_world(10, seed=25, noisy=False)
+    with WebServer(world) as server:
+        table = world.table(server.base_url)
+        (tmp_path / "in").mkdir()
+        pq.write_table(table.slice(0, 4), tmp_path / "in" / "a.parquet")
+        cfg = make_config(tmp_path / "run", tmp_path / "in", "download.samples_per_shard=3", "download.retry_passes=0")
+        funnel = download(_with(cfg, **{"download.max_shards": 1}))
+        assert funnel["shards"] == 1 and funnel["rows_in"] == funnel["rows_out"] == 3 and not funnel["complete"]
+        funnel = download(cfg)
+        assert funnel["rows_in"] == funnel["rows_out"] == 4 and funnel["complete"]
+        before = {p.name: p.read_bytes() for p in cfg.raw_dir.glob("0*")}
+        pq.write_table(table.slice(0, 6), tmp_path / "in" / "a.parquet")  # two rows appended
+        pq.write_table(table.slice(6, 4), tmp_path / "in" / "b.parquet")  # and a new file
+        with pytest.raises(shards.StageChanged, match="--extend"):
+            download(cfg)
+        funnel = download(_with(cfg, **{"download.extend": "true"}))
+        hits = dict(server.hits)
+    assert funnel["rows_in"] == funnel["rows_out"] == funnel["succeeded"] == 10 and funnel["lineage_ok"]
+    assert {name: (cfg.raw_dir / name).read_bytes() for name in before} == before  # old shards untouched
+    assert sorted(shards.done_shards(cfg.raw_dir)) == [0, 1, 2, 3]
+    assert hits == {r["path"]: 1 for r in world.rows}  # every row fetched once, in one of the three runs
+    new = [r["row_id"] for sid in (2, 3) for r in pq.read_table(cfg.raw_dir / f"0000{sid}.parquet").to_pylist()]
+    assert sorted(new) == [4, 5, 6, 7, 8, 9]
+
+
+def test_download_to_and_from_object_storage(local_ray, s3, tmp_path):
+    """The input and raw/ on the loopback S3 server: shards committed there, and a rerun resumes."""
+    from pipeline import storage
+
+    world = build_world(4, seed=26, noisy=False)
+    with WebServer(world) as server:
+        storage.path(f"{s3}/lists/urls.parquet").write_bytes(
+            world.write_url_list(str(tmp_path / "urls.parquet"), server.base_url) and
+            (tmp_path / "urls.parquet").read_bytes())
+        cfg = make_config(f"{s3}/run", f"{s3}/lists/*.parquet", "download.samples_per_shard=3")
+        funnel = download(cfg)
+        assert funnel["rows_in"] == funnel["rows_out"] == funnel["succeeded"] == 4
+        assert storage.url(cfg.raw_dir) == f"{s3}/run/raw"
+        assert sorted(shards.done_shards(cfg.raw_dir)) == [0, 1]
+        records = {sid: shards.read_stats(cfg.raw_dir, sid)["end_time"] for sid in (0, 1)}
+        meta = storage.read_parquet(shards.shard_file(cfg.raw_dir, 1, ".parquet"))
+        assert meta["status"].to_pylist() == ["success"] and meta["source"].to_pylist() == ["input"]
+        assert len(shards.read_tar(shards.shard_file(cfg.raw_dir, 0, ".tar"))) == 3
+        download(cfg)  # done: nothing redone
+    assert {sid: shards.read_stats(cfg.raw_dir, sid)["end_time"] for sid in (0, 1)} == records

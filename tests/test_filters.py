@@ -1,16 +1,13 @@
-"""Scorers, dedup and selection rules as plain classes and functions (no Ray); the safety
-scorers are in test_filters_safety.py."""
+"""Scorers and selection rules as plain classes and functions (no Ray); the safety scorers are in
+test_filters_safety.py, dedup in test_dedup.py."""
 
 import io
-import random
 
-import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from skimage import data
 
-from filters import dedup as dd
 from filters.basic import BasicScorer, LanguageScorer, PhashScorer, junk_alt_score
 from filters.rules import RuleError, apply, parse, resolve_fractions
 
@@ -51,6 +48,17 @@ def test_basic_scorer_known_sizes():
     assert out["caption_chars"] == [5, 0] and out["caption_words"] == [3, 0]
 
 
+def test_basic_scorer_sizes_are_the_originals_when_known():
+    """img2dataset resized the stored images; sizes come from its original_width/height, and
+    from the decoded image where those are unknown (None, or an input without them)."""
+    ims = [Image.new("RGB", (128, 96)), Image.new("RGB", (64, 64)), Image.new("RGB", (50, 20))]
+    batch = {"image": ims, "image_bytes": [b"x"] * 3, "caption": ["a"] * 3,
+             "original_size": [(1024, 768), (None, None), None]}
+    out = BasicScorer()(batch)
+    assert out["width"] == [1024, 64, 50] and out["height"] == [768, 64, 20] and out["min_side"] == [768, 64, 20]
+    assert out["aspect_ratio"] == [pytest.approx(4 / 3), 1.0, 2.5]
+
+
 def test_language():
     s = LanguageScorer()
     s.setup()
@@ -68,47 +76,7 @@ def test_phash_finds_flipped_recompressed_photo():
     out = PhashScorer()({"image": [photo, copy, other]})
     h, m = out["phash"], out["phash_mirror"]
     assert bin(h[0] ^ h[1]).count("1") > 10  # a plain phash does not see the flip ...
-    assert bin(m[0] ^ h[1]).count("1") <= 4  # ... the mirrored hash does
-    assert dd.near_edges(h, 4, m) == [(0, 1)]
-
-
-def test_near_edges_banding_equals_brute_force():
-    rng = random.Random(0)
-    base = [rng.getrandbits(64) for _ in range(40)]
-    hashes = base + [b ^ (1 << rng.randrange(64)) ^ (1 << rng.randrange(64)) for b in base[:10]]
-    brute = sorted((i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
-                   if bin(hashes[i] ^ hashes[j]).count("1") <= 3)
-    assert dd.near_edges(hashes, 3) == brute and len(brute) >= 10
-
-
-def test_exact_edges():
-    assert dd.exact_edges(["a", "b", "a", None, "a"]) == [(0, 2), (0, 4)]
-
-
-def test_semantic_edges_spill_clusters_to_disk(tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(300, 32))
-    x[150] = x[7] + 0.01 * rng.normal(size=32)  # two planted near-identical pairs
-    x[299] = x[42] + 0.01 * rng.normal(size=32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    x = x.astype(np.float16)
-
-    def by_shard():  # three shards of 100 rows
-        for s in range(3):
-            yield np.arange(s * 100, (s + 1) * 100), x[s * 100:(s + 1) * 100]
-
-    edges = dd.semantic_edges(by_shard, 300, threshold=0.98, cluster_size=20, workdir=tmp_path)
-    assert sorted(edges) == [(7, 150), (42, 299)]
-    assert not list(tmp_path.iterdir())  # cluster spill files are cleaned up
-
-
-def test_groups_keep_highest_clip_score_and_record_kind():
-    keys = ["a", "b", "c", "d"]
-    out = dd.groups(keys, {"exact": [(0, 1)], "semantic": [(1, 2)]}, priority=[(-0.2,), (-0.3,), (-0.9,), (0,)])
-    rows = {r["key"]: r for r in out.to_pylist()}
-    assert rows["c"]["duplicate_of"] is None  # highest clip score of the group is kept
-    assert rows["a"] == {"key": "a", "duplicate_of": "c", "duplicate_kind": "exact"}
-    assert rows["b"]["duplicate_kind"] == "exact" and rows["d"]["duplicate_of"] is None
+    assert bin(m[0] ^ h[1]).count("1") <= 4  # ... the mirrored hash does (dedup: tests/test_dedup.py)
 
 
 SCHEMA = pa.schema([("key", pa.string()), ("clip_score", pa.float32()), ("language", pa.string()),

@@ -16,6 +16,7 @@ from conftest import make_config, tapir_cmd
 from PIL import Image
 
 from pipeline import shards
+from pipeline.schemas import kept_digest
 from pipeline.synthweb import WebServer, build_world, write_selection_summary
 from recaption.clean import degenerate
 
@@ -40,8 +41,9 @@ def _commit_selection(cfg, sid, keys, keep):
     staging = shards.new_staging(cfg.selection_dir, sid)
     pq.write_table(pa.table({"key": keys, "keep": keep, "reason": [None if k else "rule" for k in keep]}),
                    staging / f"{shards.shard_name(sid)}.parquet")
-    shards.commit(staging, cfg.selection_dir, sid, [f"{shards.shard_name(sid)}.parquet"],
-                  {"count": len(keys), "kept": sum(keep)})
+    shards.commit(staging, cfg.selection_dir, sid, [f"{shards.shard_name(sid)}.parquet"],  # the record select writes
+                  {"count": len(keys), "rows": len(keys), "kept": sum(keep),
+                   "kept_digest": kept_digest(k for k, kp in zip(keys, keep) if kp)})
     done = [pq.read_table(cfg.selection_dir / f"{shards.shard_name(i)}.parquet")["keep"].to_pylist()
             for i in sorted(shards.done_shards(cfg.selection_dir))]
     write_selection_summary(Path(cfg.output), sum(map(len, done)), sum(map(sum, done)))  # as `tapir select` does

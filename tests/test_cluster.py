@@ -1,0 +1,158 @@
+"""Cluster behaviour: per-stage resources, lost actors and tasks retried, lazy items, live metrics,
+code shipped to workers; and the whole pipeline on a real two-node Ray cluster on the loopback S3
+server, with the worker node killed in the middle of the score and build stages."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from ray import cloudpickle
+
+from pipeline import ray_backend, stage_metrics
+from pipeline.config import load_config
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import the tests
+
+
+def _exit_once(item):
+    """A shard task whose worker process dies the first time it sees ``item[1]`` (a marker path)."""
+    value, marker = item
+    if marker and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+    if marker == "always":
+        os._exit(1)
+    return value * 2
+
+
+class _Crashy:
+    """A stage whose actor process dies on some items: once (a marker file), or always."""
+
+    def setup(self):
+        self.pid = os.getpid()
+
+    def __call__(self, item):
+        value, marker = item
+        if marker == "always" or (marker and not os.path.exists(marker)):
+            if marker != "always":
+                Path(marker).touch()
+            os._exit(1)
+        if value < 0:
+            raise ValueError(f"bad item {value}")
+        return {"value": value * 2, "pid": self.pid}
+
+
+class _BadSetup:
+    def setup(self):
+        raise RuntimeError("model missing")
+
+    def __call__(self, item):
+        return item
+
+
+def _refuse_to_load():
+    raise ImportError("this stage cannot be loaded on a worker")
+
+
+class _Unloadable:
+    """Pickles in the driver, fails to unpickle on a worker: its actors die while starting."""
+
+    def __reduce__(self):
+        return _refuse_to_load, ()
+
+
+def test_a_dead_actor_is_replaced_and_its_item_retried(local_ray, tmp_path):
+    items = [(1, None), (2, str(tmp_path / "once")), (3, None), (-4, None), (5, "always"), (6, None)]
+    out = {item[0]: result for item, result, _ in ray_backend.run_actor_pool(
+        _Crashy(), iter(items), desc="test crashy", actors=2, num_cpus=0.5, max_retries=2)}
+    assert out[1]["value"] == 2 and out[3]["value"] == 6 and out[6]["value"] == 12
+    assert out[2]["value"] == 4  # its actor died once: retried on a new actor
+    assert isinstance(out[-4], ValueError)  # the stage's own error: not retried, reported
+    assert isinstance(out[5], ray_backend.WorkLost) and "died 3 times" in str(out[5])
+    assert "ActorDiedError" in str(out[5])
+    # and setup errors are the stage's: every item reports it, nothing hangs or retries
+    bad = list(ray_backend.run_actor_pool(_BadSetup(), [1, 2], desc="test bad", actors=1, num_cpus=0.5))
+    assert [str(r) for _, r, _ in bad] == ["model missing"] * 2
+    # actors that die while starting are started again a bounded number of times, then the items fail
+    dead = list(ray_backend.run_actor_pool(_Unloadable(), [1, 2, 3], desc="test dead", actors=1, num_cpus=0.5,
+                                           max_retries=1))
+    assert len(dead) == 3 and all(isinstance(r, ray_backend.WorkLost) for _, r, _ in dead)
+    assert "no actor could start" in str(dead[0][1])
+
+
+def test_a_task_lost_with_its_worker_is_resubmitted(local_ray, tmp_path):
+    items = [(1, str(tmp_path / "once")), (2, None), (3, "always")]
+    out = {i[0]: r for i, r, _ in ray_backend.run_tasks(_exit_once, items, desc="test lost", num_cpus=0.5,
+                                                         max_retries=1)}
+    assert out[1] == 2 and out[2] == 4
+    assert isinstance(out[3], ray_backend.WorkLost) and "lost 2 times" in str(out[3])
+
+
+def test_items_are_read_lazily(local_ray):
+    pulled = []
+
+    def source():
+        for i in range(50):
+            pulled.append(i)
+            yield i
+
+    results = ray_backend.run_tasks(abs, source(), desc="test lazy", num_cpus=0.5, max_in_flight=3)
+    next(results)
+    assert len(pulled) <= 4  # three in flight, one more pulled after the first finished
+    assert len(list(results)) == 49 and len(pulled) == 50
+    pool = ray_backend.run_actor_pool(_Crashy(), ((i, None) for i in range(40)), desc="test lazy", actors=2,
+                                      num_cpus=0.5)
+    assert len(list(pool)) == 40
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_stage_metrics_lines(local_ray, tmp_path, where, request):
+    folder = str(tmp_path / "scores") if where == "local" else request.getfixturevalue("s3") + "/run/scores"
+    metrics = ray_backend.StageMetrics(folder, "test", every=0.0,
+                                       summarize=lambda r: {"rows": 10, "ok": 9, "errors": {"too small": 1}})
+    items = [(i, None) for i in range(4)] + [(-1, None)]
+    list(ray_backend.run_actor_pool(_Crashy(), items, desc="test metrics", actors=2, num_cpus=0.5, metrics=metrics,
+                                    weight=lambda item: 10))
+    lines = stage_metrics.read(folder)
+    assert lines and lines[-1]["final"] and all(line["stage"] == "test" for line in lines)
+    last = lines[-1]
+    assert (last["shards"], last["failed_shards"], last["rows"], last["ok"]) == (5, 1, 50, 36)
+    assert last["errors"] == {"too small": 4, "ValueError: bad item -1": 10}
+    assert last["success_rate"] == 0.72 and last["rows_per_s"] > 0
+    (node, entry), = last["nodes"].items()  # one node here: all successful rows on it
+    assert entry["ip"] == "127.0.0.1" and entry["rows"] == 40 and entry["shards"] == 4
+
+
+def test_actor_resources_per_stage(local_ray):
+    cfg = load_config(None, ["output=/tmp/unused", "resources.build.gpus_per_actor=0.5", "resources.build.actors=3",
+                             "resources.score.cpus_per_actor=0.5", "resources.recaption.gpus_per_actor=1"])
+    assert ray_backend.actor_resources(cfg.resources.build) == {"actors": 3, "num_cpus": 1, "num_gpus": 0.5,
+                                                                "max_retries": 2}
+    # no GPU in this cluster (2 CPUs): gpus null -> 0, actors fill the CPUs
+    assert ray_backend.actor_resources(cfg.resources.score) == {"actors": 4, "num_cpus": 0.5, "num_gpus": 0.0,
+                                                                "max_retries": 2}
+    # a captioner behind an HTTP server never reserves a GPU, whatever the section says
+    assert ray_backend.actor_resources(cfg.resources.recaption, http_only=True)["num_gpus"] == 0
+    assert ray_backend.actor_resources(cfg.resources.recaption)["num_gpus"] == 1
+    assert ray_backend.actor_resources(cfg.resources.build, actors=7)["actors"] == 7
+
+
+def test_older_global_resource_keys_fill_the_stages():
+    cfg = load_config(None, ["output=/tmp/unused", "resources.gpus_per_actor=0.25", "resources.download_tasks=3",
+                             "resources.build.gpus_per_actor=1"])
+    r = cfg.resources
+    assert (r.score.gpus_per_actor, r.recaption.gpus_per_actor, r.build.gpus_per_actor) == (0.25, 0.25, 1)
+    assert r.download.tasks == 3
+    assert type(cfg).model_validate(cfg.model_dump()).resources == r
+
+
+def test_runtime_env_ships_code_and_storage_settings(s3):
+    env = ray_backend.runtime_env(ship_code=True)
+    assert [Path(p).name for p in env["py_modules"]] == ["pipeline", "filters", "recaption", "training"]
+    assert env["env_vars"]["AWS_ENDPOINT_URL"] == os.environ["AWS_ENDPOINT_URL"]
+    assert env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert "py_modules" not in ray_backend.runtime_env(ship_code=False)
