@@ -1,7 +1,6 @@
 """Download throughput: img2dataset's shard downloader against the download stage's, like for like.
 
-Both arms download the same pre-sharded URL list (img2dataset's Reader, as `tapir download`
-plans it), served on loopback by a server in a process of its own, with the same
+Both arms download the same pre-sharded URL list (as `tapir download` plans it), served on loopback by a server in a process of its own, with the same
 processes, fetch threads per process, shards, image size, resize mode (keep_ratio), hash
 (sha256), re-encode (jpg) and no EXIF:
   img2dataset: ``img2dataset.downloader.Downloader`` as ``img2dataset.download`` builds it
@@ -87,13 +86,15 @@ def stage(spec: dict, part: int, procs: int):
     import img2dataset.writer  # noqa: F401
 
     from pipeline.download import ShardTask
+    from pipeline.input_plan import download_settings, jobs, prepare
 
     cfg = _config(spec, os.path.join(spec["work"], f"stage-{os.getpid()}"))
-    task = ShardTask(cfg.model_dump(), spec["column_list"], *spec["fingerprint"])
-    mine = share(spec["shards"], part, procs)
+    todo = list(jobs(cfg, prepare(cfg)))  # the stage's own plan, into this process's run folder (not timed)
+    task = ShardTask(cfg.model_dump(), download_settings(cfg))
+    mine = share(todo, part, procs)
 
     def work() -> dict:
-        return {"images": sum(task((sid, path, "first"))["successes"] for sid, path in mine)}
+        return {"images": sum(task(job)["successes"] for job in mine)}
 
     return work
 
@@ -116,15 +117,23 @@ def main() -> None:
     server.start()
     try:
         base_url = queue.get(timeout=300)
-        from pipeline.download import plan
+        import pyarrow.feather as feather
+        import pyarrow.parquet as pq
+
+        from pipeline.input_plan import jobs, prepare, rows_path
         from pipeline.synthweb import build_world
 
         urls = build_world(args.rows, seed=0, noisy=False).write_url_list(str(work / "urls.parquet"), base_url)
         spec = {"urls": str(urls), "work": str(work), "image_size": args.image_size, "shard": args.shard,
                 "threads": args.threads}
-        # the stage's own sharding (img2dataset's Reader); then the fingerprint its records carry, if any
-        column_list, todo, *fingerprint = plan(_config(spec, str(work / "plan")))
-        spec.update(column_list=column_list, shards=[(sid, path) for sid, path, _ in todo], fingerprint=fingerprint)
+        # the stage's own sharding, its rows files handed to img2dataset's arm as feather
+        cfg = _config(spec, str(work / "plan"))
+        todo, paths = list(jobs(cfg, prepare(cfg))), []
+        for sid, *_ in todo:
+            table = pq.read_table(rows_path(cfg.raw_dir, sid, cfg.download.shard_digits))
+            feather.write_feather(table, work / f"{sid:05d}.feather")
+            paths.append((sid, str(work / f"{sid:05d}.feather")))
+        spec.update(column_list=table.column_names, shards=paths)
         if len(todo) % args.procs:
             print(f"warning: {len(todo)} shards do not split evenly over {args.procs} processes")
         print(f"{args.rows} rows in {len(todo)} shards, image_size {args.image_size} keep_ratio, loopback server "

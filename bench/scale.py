@@ -9,7 +9,8 @@ download; 3% are planted duplicates of a row anywhere in the dataset (1% exact, 
 a few pHash bits flipped or the mirror image, 1% semantic: the embedding plus noise).
 
 Each step of :data:`STEPS` then runs at each size in a fresh process (so its memory
-high-water mark is its own) that starts Ray with ``--cpus`` CPUs, resets the kernel's
+high-water mark is its own) that starts Ray with ``--cpus`` CPUs, runs the step once on a
+tiny run folder (:func:`warm_up`: code imported, Ray's workers started), resets the kernel's
 peak-RSS counter (``/proc/self/clear_refs``) and runs the step: the download planner over
 the URL list, dedup, select (a threshold rule and a ``top N%`` rule), the build plan and
 the report (funnels and lineage). The driver's peak is ``VmHWM`` after the step; the Ray
@@ -225,12 +226,13 @@ def generate(work: Path, n: int, per_shard: int, dim: int, seed: int, cpus: int)
     cfg = run_config(run, urls, per_shard, cpus)
     raw_fp = shards.fingerprint(download_settings(cfg), {"raw/_input/input.parquet": "bench-synthetic"})
     planted = {"exact": 0, "near": 0, "semantic": 0, "failed": 0, "undecodable": 0}
-    n_shards, per_file, writer, start = -(-n // per_shard), max(per_shard, 1_000_000 // per_shard * per_shard), None, time.time()
+    n_shards, writer, start = -(-n // per_shard), None, time.time()
+    per_file = max(per_shard, 1_000_000 // per_shard * per_shard)  # URL list files of about a million rows
     for sid in range(n_shards):
         rows = shard_rows(sid, n, per_shard, dim, seed)
         for name, k in (("failed", 1), ("exact", 2), ("near", 3), ("semantic", 4), ("undecodable", 5)):
             planted[name] += int((rows["kind"] == k).sum())
-        if sid * per_shard % per_file == 0:  # the URL list: parts of about a million rows
+        if sid * per_shard % per_file == 0:  # the next file of the URL list
             if writer:
                 writer.close()
             table = url_table(rows)
@@ -245,7 +247,8 @@ def generate(work: Path, n: int, per_shard: int, dim: int, seed: int, cpus: int)
         shards.commit(staging, run / "raw", sid, [f"{name}.tar", f"{name}.parquet"], {
             "count": raw.num_rows, "successes": ok, "failed_to_download": raw.num_rows - ok, "failed_to_resize": 0,
             "reasons": dict(Counter(raw["error_reason"].to_pylist())),
-            "attempts": {"1": raw.num_rows}, "retried_and_succeeded": 0, "retryable": 0, "retry_passes_done": 2, "start_time": start, "end_time": start, "duration": 0.0},
+            "attempts": {"1": raw.num_rows}, "retried_and_succeeded": 0, "retryable": 0, "retry_passes_done": 2,
+            "start_time": start, "end_time": start, "duration": 0.0},
             raw_fp)
         scores = scores_table(rows, dim)
         staging = shards.new_staging(run / "scores", sid)
@@ -321,19 +324,33 @@ def _report(ctx) -> dict:
     return {"lineage_ok": funnel["lineage"]["ok"], "problems": funnel["lineage"]["problems"][:3]}
 
 
-# name -> (what runs, the step, outputs removed before it runs (relative to the run folder), modules it
-# imports: loaded before the step, so its peak memory is data, not code)
+# name -> (what runs, the step, the outputs it writes: removed before it runs, relative to the run folder)
 STEPS = {
-    "plan": ("the download planner over the URL list (pipeline.download.prepare + jobs)", _plan, ["../plan_run"],
-             ["pipeline.download", "pipeline.inputs", "pipeline.input_plan", "img2dataset.reader"]),
-    "dedup": ("pipeline.dedup.run (exact, near, semantic)", _dedup, ["scores/_dedup", "scores/_dedup.parquet"],
-              ["pipeline.dedup", "pipeline.score", "filters.dedup", "faiss"]),
-    "select": ("pipeline.select.select: " + ", ".join(RULES), _select, ["selection"],
-               ["pipeline.select", "pipeline.score", "filters.rules"]),
-    "build_plan": ("the build stage's plan (no encoding)", _build_plan, ["shards"],
-                   ["pipeline.build", "pipeline.buildplan", "pipeline.select"]),
-    "report": ("pipeline.report.report: funnels and lineage", _report, ["report"], ["pipeline.report"]),
+    "plan": ("the download planner over the URL list (pipeline.download.prepare + jobs)", _plan, ["../plan_run"]),
+    "dedup": ("pipeline.dedup.run (exact, near, semantic)", _dedup, ["scores/_dedup", "scores/_dedup.parquet"]),
+    "select": ("pipeline.select.select: " + ", ".join(RULES), _select, ["selection"]),
+    "build_plan": ("the build stage's plan (no encoding)", _build_plan, ["shards"]),
+    "report": ("pipeline.report.report: funnels and lineage", _report, ["report"]),
 }
+CHAIN = ["dedup", "select", "build_plan", "report"]  # each reads what the ones before it wrote
+WARM_ROWS, WARM_PER_SHARD = 400, 100  # the warm-up run folder
+
+
+def run_one(step: str, ctx: "Ctx", work: Path) -> dict:
+    """Remove the step's outputs, then run it."""
+    for rel in STEPS[step][2]:
+        p = (work / "run" / rel).resolve()
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return STEPS[step][1](ctx)
+
+
+def warm_up(step: str, warm: Path, cpus: int) -> None:
+    """The step (and those it reads from) on a tiny run folder first, in the same process: every
+    module it imports is loaded and Ray's workers have started and imported theirs, so the
+    measured run's peak memory and time are those of its data, not of code or start-up."""
+    ctx = Ctx(warm, WARM_PER_SHARD, cpus)
+    for s in [step] if step not in CHAIN else CHAIN[:CHAIN.index(step) + 1]:
+        run_one(s, ctx, warm)
 
 
 def dedup_found(scores: Path) -> dict:
@@ -425,26 +442,18 @@ class Ctx:
         self.plan_cfg = run_config(run, urls, per_shard, cpus, output=work / "plan_run")
 
 
-def child(step: str, work: Path, per_shard: int, cpus: int) -> dict:
+def child(step: str, work: Path, warm: Path, per_shard: int, cpus: int) -> dict:
     """Run one step in this (fresh) process and measure it."""
     import gc
-    import importlib
 
     from pipeline import ray_backend
 
-    _, fn, outputs, modules = STEPS[step]
-    for module in modules:
-        try:
-            importlib.import_module(module)  # code is not data: imported before the peak is reset
-        except ImportError:
-            pass
-    ctx = Ctx(work, per_shard, cpus)
-    for rel in outputs:
-        p = (work / "run" / rel).resolve()
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     started = time.perf_counter()
     ray_backend.init(num_cpus=cpus)
     ray_start = time.perf_counter() - started
+    warm_up(step, warm, cpus)
+    warm_seconds = time.perf_counter() - started - ray_start
+    ctx = Ctx(work, per_shard, cpus)
     gc.collect()
     sampler = WorkerPeaks()
     sampler.reset()
@@ -452,21 +461,21 @@ def child(step: str, work: Path, per_shard: int, cpus: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on is the step's
     sampler.start()
     start = time.perf_counter()
-    result = fn(ctx)
+    result = run_one(step, ctx, work)
     seconds = time.perf_counter() - start
     peak = _status("self", "VmHWM")
     workers = sampler.stop()
-    out = {"step": step, "pid": os.getpid(), "seconds": seconds, "driver_peak": peak, "driver_base": base, "ray_start": ray_start,
-           **workers, "result": result}
+    out = {"step": step, "pid": os.getpid(), "seconds": seconds, "driver_peak": peak, "driver_base": base,
+           "ray_start": ray_start, "warm_up": warm_seconds, **workers, "result": result}
     if step == "dedup":
         out["found"] = dedup_found(work / "run" / "scores")
     ray_backend.shutdown()
     return out
 
 
-def run_step(step: str, work: Path, per_shard: int, cpus: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", step, "--work", str(work), "--per-shard", str(per_shard),
-           "--cpus", str(cpus)]
+def run_step(step: str, work: Path, warm: Path, per_shard: int, cpus: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", step, "--work", str(work), "--warm", str(warm),
+           "--per-shard", str(per_shard), "--cpus", str(cpus)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"step {step} at {work.name} failed:\n{proc.stderr[-4000:]}")
@@ -497,7 +506,8 @@ def summarize(sizes: list[int], runs: dict[int, dict], gens: dict[int, dict], ar
         print(f"  {n:,} rows: planted {p['exact']} exact, {p['near']} near, {p['semantic']} semantic duplicates, "
               f"{p['failed']} failed downloads; dedup marked {sum(found.values())} ({found})")
     print(f"\n| step | s, {small:,} | s, {large:,} | time ratio (goal <= 10) | driver peak MiB, {small:,} | "
-          f"driver peak MiB, {large:,} | memory ratio | growth MiB, small / large | largest Ray worker MiB, small / large |")
+          f"driver peak MiB, {large:,} | memory ratio | growth MiB, small / large | "
+          "largest Ray worker MiB, small / large |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     figures = {"commit": git_commit(), "command": f"python {shlex.join(sys.argv)}", "sizes": sizes, "steps": {},
                "generated": gens}
@@ -539,9 +549,10 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--work", help="folder for the generated data (kept and reused; default: a fresh temp folder)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--warm", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        out = child(args.child, Path(args.work), args.per_shard, args.cpus)
+        out = child(args.child, Path(args.work), Path(args.warm), args.per_shard, args.cpus)
         print(json.dumps(out, default=str))
         return None
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -556,13 +567,15 @@ def main(argv=None) -> dict | None:
         parser.error(f"unknown steps {sorted(unknown)}; known: {', '.join(STEPS)}")
     sizes = [args.small, args.small * args.factor]
     runs, gens = {}, {}
+    warm = root / "warm-up"
+    generate(warm, WARM_ROWS, WARM_PER_SHARD, args.dim, args.seed, args.cpus)
     for n in sizes:
         work = root / f"rows-{n}"
         gens[n] = generate(work, n, args.per_shard, args.dim, args.seed, args.cpus)
         print(f"{n:,} rows: {gens[n]['shards']} shards in {work} (generated in {gens[n]['seconds']:.0f} s)", flush=True)
         runs[n] = {}
         for step in steps:
-            runs[n][step] = r = run_step(step, work, args.per_shard, args.cpus)
+            runs[n][step] = r = run_step(step, work, warm, args.per_shard, args.cpus)
             print(f"  {step:<10} {r['seconds']:8.2f} s  driver peak {mib(r['driver_peak']):>7} MiB "
                   f"(before {mib(r['driver_base'])})  largest Ray worker {mib(r['workers_peak'])} MiB", flush=True)
     if violations(guard):

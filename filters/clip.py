@@ -31,9 +31,20 @@ def pick_device(device: str = "auto") -> str:
 
 
 def load_clip(model: str, pretrained: str | None = None, device: str = "cpu"):
-    """(model in eval mode, image preprocess, tokenizer) through open_clip's own loaders."""
+    """(model in eval mode, image preprocess, tokenizer) through open_clip's own loaders. A
+    ``local-dir:`` folder or a checkpoint file on an object store (``local-dir:s3://...``) is
+    copied to a temporary local folder for open_clip, then removed."""
     import open_clip
 
+    from pipeline import storage
+
+    remote = model[len("local-dir:"):] if model.startswith("local-dir:") else None
+    if remote and storage.is_remote(remote):
+        with storage.local_copy(remote) as folder:
+            return load_clip(f"local-dir:{folder}", pretrained, device)
+    if pretrained and storage.is_remote(pretrained):
+        with storage.local_copy(pretrained) as path:
+            return load_clip(model, str(path), device)
     if model.startswith(("local-dir:", "hf-hub:")):
         net, preprocess = open_clip.create_model_from_pretrained(model, device=device)
     else:
@@ -60,7 +71,6 @@ def check_clip(model: str, pretrained: str | None = None) -> str | None:
     """
     import difflib
     import json
-    from pathlib import Path
 
     import open_clip
     from open_clip.pretrained import download_pretrained, download_pretrained_from_hf, get_pretrained_cfg
@@ -70,8 +80,10 @@ def check_clip(model: str, pretrained: str | None = None) -> str | None:
     def fail(key: str, value: str, reason: str):
         raise ModelLoadError(key, value, reason)
 
+    from pipeline import storage
+
     if model.startswith("local-dir:"):
-        folder = Path(model[len("local-dir:"):])
+        folder = storage.path(model[len("local-dir:"):])  # a local folder or a URL (copied locally to load)
         if not folder.is_dir():
             fail("score.clip.model", model, f"folder {folder} does not exist")
         try:
@@ -100,7 +112,7 @@ def check_clip(model: str, pretrained: str | None = None) -> str | None:
         return None
     tag = get_pretrained_cfg(name, pretrained)
     if not tag:
-        if os.path.isfile(pretrained):
+        if storage.path(pretrained).is_file():  # a local or remote checkpoint file
             return pretrained
         tags = open_clip.list_pretrained_tags_by_model(name)
         fail("score.clip.pretrained", pretrained, f"neither a pretrained tag of {model} "

@@ -60,6 +60,8 @@ class Rule:
                 dup = pc.and_(dup, pc.equal(table["duplicate_kind"], self.value))
             return ~np.asarray(dup.to_numpy(zero_copy_only=False), dtype=bool)
         col = table[self.column]
+        if pa.types.is_null(col.type):  # a column this shard does not have (another input's metadata): missing
+            return np.zeros(table.num_rows, dtype=bool)
         if self.kind == "cmp":
             result = _OPS[self.op](col, self.value)
         elif self.kind == "in":
@@ -204,7 +206,7 @@ class _Search:
         if self.query.values:
             self.keys.append(part)
         else:
-            np.add.at(self.counts, part[0], part[1])
+            self.counts[part[0]] += part[1]  # the digits of one summary are unique
 
     def advance(self) -> None:
         q = self.query

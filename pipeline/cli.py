@@ -20,6 +20,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _trial(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, metavar="N", help="plan at most N input rows in raw/ (a trial run); a later "
+                   "run continues after them")
+    p.add_argument("--max-shards", type=int, metavar="N", help="plan at most N shards in raw/ (a trial run); a "
+                   "later run continues after them")
+    p.add_argument("--extend", action="store_true", help="download only rows added to the inputs since the last "
+                   "run, as new shards after the existing ones")
+    p.add_argument("--shard-digits", type=int, metavar="N", help="digits of raw/ shard names (DataComp: 8)")
+
+
 def _redo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redo", action="store_true", help="redo the shards whose settings or inputs changed since "
                    "they were made (default: refuse, naming the change)")
@@ -31,7 +41,9 @@ def _flag_values(args) -> dict:
     for flag, key in (("url_list", "input.path"), ("output", "output"), ("input_format", "input.format"),
                       ("preset", "input.preset"), ("url_col", "input.url_col"),
                       ("caption_col", "input.caption_col"), ("image_size", "download.image_size"),
-                      ("resize_mode", "download.resize_mode"), ("ray_address", "resources.ray_address")):
+                      ("resize_mode", "download.resize_mode"), ("ray_address", "resources.ray_address"),
+                      ("limit", "download.limit"), ("max_shards", "download.max_shards"),
+                      ("shard_digits", "download.shard_digits")):
         value = getattr(args, flag, None)
         if flag == "caption_col" and value == "none":
             out[key] = None  # a URL-only list
@@ -39,6 +51,8 @@ def _flag_values(args) -> dict:
             out[key] = value
     if getattr(args, "allow_loopback", False):
         out["download.fetch.allow_loopback"] = True
+    if getattr(args, "extend", False):
+        out["download.extend"] = True
     if getattr(args, "redo", False):
         out["redo"] = True
     return out
@@ -62,7 +76,7 @@ def _locked(folder, args):
 
     if _rank() != 0:
         return nullcontext()
-    return RunLock(Path(folder), "tapir " + " ".join(sys.argv[1:3]))
+    return RunLock(folder, "tapir " + " ".join(sys.argv[1:3]))  # a URL's lock is local to this machine
 
 
 STAGES = {  # name: (help, output folder attribute of RunConfig); pipeline.NAME.NAME(cfg) runs it
@@ -106,7 +120,7 @@ def cmd_run(args) -> int:
                 print(f"tapir run: stopping after {name}: it did not account for every row or shard; "
                       f"rerun to retry", file=sys.stderr)
                 return code
-    funnel, path = report(Path(cfg.output))
+    funnel, path = report(cfg.output)
     print(format_lineage(funnel["lineage"]))
     print(f"report: {path.parent / 'index.html'}")
     return code or (0 if funnel["lineage"]["ok"] else 1)
@@ -122,6 +136,10 @@ def _preflight(cfg) -> None:
         from filters.clip import check_clip
 
         check_clip(cfg.score.clip.model, cfg.score.clip.pretrained)
+    if cfg.score.aesthetic.weights:
+        from filters.aesthetic import check_aesthetic
+
+        check_aesthetic(cfg.score.aesthetic.weights, cfg.score.clip.model)
     check_loadable(cfg.recaption)
     encoder_infos(cfg.build)
 
@@ -129,7 +147,7 @@ def _preflight(cfg) -> None:
 def cmd_report(args) -> int:
     from pipeline.report import format_stage, report
 
-    funnel, path = report(Path(args.run_dir))
+    funnel, path = report(args.run_dir, sample_shards=args.sample_shards)  # a path or URL, as given
     for stage in funnel.values():
         print(format_stage(stage))
     page = path.parent / "index.html"
@@ -140,7 +158,7 @@ def cmd_report(args) -> int:
 def cmd_verify(args) -> int:
     from pipeline.manifest import verify
 
-    faults, summary = verify(Path(args.shards_dir))
+    faults, summary = verify(args.shards_dir)  # a path or URL, as given
     for fault in faults[:args.max_faults]:
         print(f"FAULT {fault}")
     if len(faults) > args.max_faults:
@@ -270,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int)
     p.add_argument("--resize-mode", choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"])
     p.add_argument("--allow-loopback", action="store_true", help="allow 127.0.0.1/::1 (tests and demos)")
+    _trial(p)
     _common(p)
     _redo(p)
     p.set_defaults(func=cmd_stage)
@@ -316,16 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every stage of a config, then the report")
     p.add_argument("config")
+    _trial(p)
     _common(p)
     _redo(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="print and write the funnel of a run folder")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="run folder (a path or URL)")
+    p.add_argument("--sample-shards", type=int, default=8, metavar="N", help="shards the plots and grids draw "
+                   "on (the funnel counts every shard)")
     p.set_defaults(func=cmd_report, verbose=False)
 
     p = sub.add_parser("verify", help="check every shard of a shards folder against its manifest")
-    p.add_argument("shards_dir")
+    p.add_argument("shards_dir", help="shards folder (a path or URL)")
     p.add_argument("--max-faults", type=int, default=50, help="faults printed at most (all are counted)")
     p.set_defaults(func=cmd_verify, verbose=False)
 

@@ -175,7 +175,8 @@ class ScoreConfig(_Strict):
     scorers: list[Literal["basic", "language", "phash", "clip", "nsfw", "ocr"]] = Field(
         list(SCORERS), description="Scorers to run: basic, language, phash, clip, nsfw, ocr.")
     batch_size: int = Field(64, gt=0, description="Images per scorer batch.")
-    actors: Optional[int] = Field(None, gt=0, description="Scoring actors (null: one per GPU, else one per CPU).")
+    actors: Optional[int] = Field(None, gt=0, description="Model actors; older name of resources.score.actors "
+                                  "(wins over it when set).")
     clip: ClipConfig = Field(default_factory=ClipConfig, description="The CLIP model.")
     ocr_max_side: int = Field(512, gt=0, description="Images are shrunk to this longer side before OCR.")
     ocr_min_confidence: float = Field(0.8, ge=0, le=1, description="OCR boxes count toward text_area and "
@@ -207,7 +208,8 @@ class ScoreConfig(_Strict):
 class SelectConfig(_Strict):
     rules: list[str] = Field(
         ["not duplicate"], description="Rules applied in order, e.g. 'clip_score >= 0.28', "
-        "'top 30% by clip_score', 'language in [en]', 'not duplicate'.")
+        "'top 30% by clip_score', 'language in [en]', 'not duplicate'; a rule may name a score or any column "
+        "of the input's metadata in raw/ (LAION's punsafe, pwatermark, similarity).")
 
 
 class PromptsConfig(_Strict):

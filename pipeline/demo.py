@@ -106,7 +106,7 @@ def _demo(output: Path, rows: int, config: Path | None, overrides: list[str], va
     print(f"run folder:   {output}")
     print(f"  URL list:   {urls}  (with each row's intended fate in column 'fate')")
     print(f"  raw shards: {cfg.raw_dir}  (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json)")
-    print(f"  scores:     {cfg.scores_dir}  (NNNNN.parquet, _dedup.parquet)")
+    print(f"  scores:     {cfg.scores_dir}  (NNNNN.parquet, _dedup/)")
     print(f"  selection:  {cfg.selection_dir}  (key, keep, reason)")
     print(f"  captions:   {cfg.captions_dir}  (descriptive, short, provenance)")
     print(f"  shards:     {cfg.shards_dir}  (NNNNN.tar with latents and tokens, manifest.json; "

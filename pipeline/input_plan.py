@@ -120,12 +120,10 @@ class Planner:
         if not mine:
             return None, {}, self.info["rows_before"], first
         d = self.digits
-        with ThreadPoolExecutor(16) as pool:  # only the finished-files lists of this generation's records
-            records = list(pool.map(lambda s: read_record(self.raw, s, d), mine))
-        finished = {}
-        for rec in records:
-            finished.update(rec["finished"])
-        last = records[-1]
+        finished, last = {}, None
+        with ThreadPoolExecutor(16) as pool:  # the files this generation's records saw end, and the last cursor
+            for last in pool.map(lambda s: read_record(self.raw, s, d), mine):
+                finished.update(last["finished"])
         return tuple(last["cursor"]), finished, last["rows_total"], mine[-1] + 1
 
     def _walk(self, cursor: tuple | None) -> Iterator[tuple[int, int, str, str, object, int]]:

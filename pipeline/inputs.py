@@ -248,3 +248,19 @@ def read_file(path: str, fmt: str, cfg: InputConfig, start: int = 0,
             yield normalise(table, path, fmt, cfg)
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"cannot read {fmt} input {path}: {e}") from e
+
+
+def metadata_schema(cfg) -> pa.Schema:
+    """The columns a download will carry from the inputs into ``raw/NNNNN.parquet`` besides
+    img2dataset's own (``url``, ``caption``, ``source``, every kept column, reserved names as
+    ``input_<name>``), read from the first rows of each input's first file only: rules are
+    checked against them before anything is downloaded. Raises :class:`InputError`."""
+    fields = {"source": pa.field("source", pa.string())}
+    for _, section in sections(cfg.input):
+        files = input_files(section)
+        path, fmt = files[0]
+        for table in read_file(path, fmt, section, batch_rows=1):
+            for f in table.schema:
+                fields.setdefault(f.name, f)
+            break
+    return pa.schema(list(fields.values()))

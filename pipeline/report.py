@@ -47,17 +47,19 @@ def _map(fn, items: list, desc: str, local_below: int = 16):
         yield item, result
 
 
-def _attempts(item: tuple) -> dict:
-    """Attempts per row and retried successes of one raw shard (for records that lack them)."""
+def _raw_counts(item: tuple) -> dict:
+    """Reasons, attempts per row and retried successes of one raw shard, from its metadata (for
+    records that do not count them)."""
     folder, sid = item
     path = shards.shard_file(folder, sid, ".parquet")
-    t = storage.read_parquet(path, columns=["status"])
     names = storage.read_schema(path).names
-    t = t.append_column("attempts", storage.read_parquet(path, columns=["attempts"])["attempts"] if "attempts" in names
-                        else pa.array([1] * t.num_rows, pa.int64()))
-    return {"attempts": {str(k): v for k, v in Counter(t["attempts"].to_pylist()).items()},
+    t = storage.read_parquet(path, columns=[c for c in ("status", "error_reason", "attempts") if c in names])
+    attempts = t["attempts"] if "attempts" in names else pa.array([1] * t.num_rows, pa.int64())
+    reasons = t["error_reason"] if "error_reason" in names else t["status"]
+    return {"reasons": dict(Counter(reasons.to_pylist())),
+            "attempts": {str(k): v for k, v in Counter(attempts.to_pylist()).items()},
             "retried_and_succeeded": int(pc.sum(pc.and_(pc.equal(t["status"], "success"),
-                                                        pc.greater(t["attempts"], 1))).as_py() or 0)}
+                                                        pc.greater(attempts, 1))).as_py() or 0)}
 
 
 def download_funnel(run_dir) -> dict:
@@ -69,13 +71,13 @@ def download_funnel(run_dir) -> dict:
     ids = sorted(shards.done_shards(raw))
     stats = _records(raw, ids)
     reasons, attempts, retried, rows = Counter(), Counter(), 0, 0
-    for s in stats:
-        rows += s["count"]
-        reasons.update(s.get("reasons") or {"success": s.get("successes", 0)})
-    missing = [sid for sid, s in zip(ids, stats) if "attempts" not in s]
-    extra = dict(_map(_attempts, [(storage.url(raw), sid) for sid in missing], "report download"))
+    missing = [sid for sid, s in zip(ids, stats) if "attempts" not in s or "reasons" not in s]
+    extra = {sid: found for (_, sid), found in _map(_raw_counts, [(storage.url(raw), sid) for sid in missing],
+                                                    "report download")}
     for sid, s in zip(ids, stats):
-        s = extra.get((storage.url(raw), sid), s)
+        s = {**extra.get(sid, {}), **s}
+        rows += s["count"]
+        reasons.update(s["reasons"])
         attempts.update({str(k): v for k, v in s["attempts"].items()})
         retried += s.get("retried_and_succeeded", 0)
     succeeded = reasons.pop("success", 0)

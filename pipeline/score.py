@@ -352,7 +352,7 @@ def score(cfg: RunConfig) -> dict:
               "model": [n for n in cfg.score.scorers if n in MODEL_SCORERS]}
     groups = {g: names for g, names in groups.items() if names}
     _mkdir(out)
-    expected = functools.partial(shard_fingerprint, cfg)
+    expected = functools.lru_cache(maxsize=None)(functools.partial(shard_fingerprint, cfg))  # one read per shard
     recorded = {sid: shards.read_stats(out, sid).get("fingerprint") for sid in shards.done_shards(out)}
     rehead = {sid for sid, have in recorded.items()  # the aesthetic head alone changed: redone from the embeddings
               if (have or {}).get("hash") != expected(sid)["hash"] and aesthetic_only(cfg, sid, have)}

@@ -54,11 +54,10 @@ def metadata_schema(cfg: RunConfig) -> pa.Schema:
     from pipeline import inputs
 
     extra = pa.schema([])
-    if hasattr(inputs, "metadata_schema"):  # INPUT's helper: the columns a download will carry (request pending)
-        try:
-            extra = inputs.metadata_schema(cfg)
-        except (inputs.InputError, OSError) as err:  # an unreadable input is download's error to report
-            log.debug("input columns unknown before download: %s", err)
+    try:  # the columns a download will carry
+        extra = inputs.metadata_schema(cfg)
+    except (inputs.InputError, OSError) as err:  # an unreadable input is download's error to report
+        log.debug("input columns unknown before download: %s", err)
     return pa.schema(list(RAW) + [f for f in extra if f.name not in RAW.names])
 
 
@@ -105,8 +104,11 @@ def _shard_rows(cfg: RunConfig, sid: int, columns: set[str]) -> pa.Table:
     if wanted := [c for c in DUPLICATE_COLUMNS if c in columns and c not in names]:
         table = _join(table, dedup.read(cfg, sid), wanted)
     if meta := sorted(columns - set(table.column_names)):
-        raw = storage.read_parquet(shards.shard_file(cfg.score_input, sid, ".parquet"), columns=["key", *meta])
-        table = _join(table, raw, meta)
+        path = shards.shard_file(cfg.score_input, sid, ".parquet")
+        have = [c for c in meta if c in storage.read_schema(path).names]  # inputs mixed in one run may differ
+        table = _join(table, storage.read_parquet(path, columns=["key", *have]), have)
+        for name in sorted(set(meta) - set(have)):  # a column this shard's input lacks: missing, so every rule fails
+            table = table.append_column(name, pa.nulls(table.num_rows))
     return table
 
 

@@ -429,6 +429,11 @@ def write_curated_run(output: str | Path, n: int, per_shard: int = 10, seed: int
             table = pa.Table.from_pylist(rows, schema=schema) if schema is not None else pa.Table.from_pylist(rows)
             shards.write_parquet(out / sub / f"{name}.parquet", table)
             stats = {"count": len(rows), "successes": len(rows), "kept": sum(r.get("keep", True) for r in rows)}
+            if sub == "scores":  # the records the stages write, as the funnels read them
+                stats.update(scored=len(rows), errors=0)
+            if sub == "captions":
+                status = [r["status"] for r in rows]
+                stats.update(ok=status.count("ok"), partial=status.count("partial"), failed=status.count("failed"))
             if sub == "selection":  # what `tapir select` records: the build plans from it
                 stats.update(rows=len(rows), kept_digest=kept_digest(r["key"] for r in rows if r["keep"]))
             (out / sub / f"{name}_stats.json").write_text(json.dumps(stats))

@@ -109,7 +109,7 @@ def test_scale_bench_data_goes_through_every_step(tmp_path, local_ray):
     info = scale.generate(tmp_path, 1200, 300, 16, 0, 2)
     assert info["shards"] == 4 and all(info["planted"][k] == 12 for k in ("exact", "near", "semantic"))
     ctx = scale.Ctx(tmp_path, 300, 2)
-    results = {name: fn(ctx) for name, (_, fn, *_) in scale.STEPS.items()}
+    results = {name: scale.run_one(name, ctx, tmp_path) for name in scale.STEPS}
     assert results["plan"]["rows"] == 1200
     found = scale.dedup_found(tmp_path / "run" / "scores")
     assert set(found) == {"exact", "near", "semantic"}

@@ -484,6 +484,9 @@ def _change_source_2(run: Path, what: str) -> None:
         pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
         record = shards.read_stats(run / "selection", 2)  # and its record, as `tapir select` commits it
         record.update(kept=record["kept"] - 1, kept_digest=kept_digest(r["key"] for r in rows if r["keep"]))
+        shards.stats_path(path.parent, 2).write_text(json.dumps(record))
+        write_selection_summary(run, N_ROWS, 19)  # the whole selection's record, written last
+        return
     else:  # recaptioned since
         path = run / "captions" / "00002.parquet"
         table = pq.read_table(path)
@@ -698,6 +701,7 @@ def test_report_draws_its_visuals_from_a_sample_of_shards(tmp_path, local_ray):
     write_curated_run(run, N_ROWS, per_shard=5)  # 6 shards
     funnel, _ = report(run, sample_shards=2)
     assert funnel["select"]["kept"] == 20 and funnel["recaption"]["rows_in"] == 20
+    assert funnel["recaption"]["failed_by_reason"] == {"descriptive: empty": 1}  # read in a task, per shard
     assert funnel["download"]["rows_out"] == N_ROWS and funnel["lineage"]["counts"]["kept"] == 20
     page = (run / "report" / "index.html").read_text()
     assert "of 2 sampled score shard(s): 00000, 00005" in page

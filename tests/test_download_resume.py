@@ -151,9 +151,8 @@ def test_download_to_and_from_object_storage(local_ray, s3, tmp_path):
 
     world = build_world(4, seed=26, noisy=False)
     with WebServer(world) as server:
-        storage.path(f"{s3}/lists/urls.parquet").write_bytes(
-            world.write_url_list(str(tmp_path / "urls.parquet"), server.base_url) and
-            (tmp_path / "urls.parquet").read_bytes())
+        local = world.write_url_list(str(tmp_path / "urls.parquet"), server.base_url)
+        storage.upload(local, f"{s3}/lists/urls.parquet")
         cfg = make_config(f"{s3}/run", f"{s3}/lists/*.parquet", "download.samples_per_shard=3")
         funnel = download(cfg)
         assert funnel["rows_in"] == funnel["rows_out"] == funnel["succeeded"] == 4

@@ -229,3 +229,23 @@ def test_source_fingerprint_names_files_and_resolved_columns(tmp_path):
     assert source_fingerprint(InputConfig(path=str(src), preset="laion", caption_col=None))["hash"] != fp["hash"]
     write_table(ROWS.slice(0, 1), str(src))
     assert source_fingerprint(InputConfig(path=str(src), preset="laion"))["hash"] != fp["hash"]
+
+
+def test_rules_may_name_input_columns_before_any_download(tmp_path):
+    """`tapir run` checks rules before downloading: columns of the input (punsafe) are known from
+    its first rows, reserved names as input_<name>; a column nobody has still fails."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from filters.rules import RuleError
+    from pipeline import inputs, select
+    from pipeline.config import load_config
+
+    pcsv.write_csv(pa.table({"URL": ["http://a/1.jpg"], "TEXT": ["x"], "punsafe": [0.1], "sha256": ["ab"]}),
+                   tmp_path / "l.csv")
+    base = [f"output={tmp_path / 'run'}", f"input.path={tmp_path / 'l.csv'}", "input.preset=laion"]
+    schema = inputs.metadata_schema(load_config(None, base))
+    assert schema.field("punsafe").type == pa.float64() and "input_sha256" in schema.names and "source" in schema.names
+    select.check_rules(load_config(None, base + ["select.rules=['punsafe < 0.5', 'input_sha256 not in [ab]']"]))
+    with pytest.raises(RuleError, match="pwatermark"):
+        select.check_rules(load_config(None, base + ["select.rules=['pwatermark < 0.5']"]))

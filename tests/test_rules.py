@@ -85,3 +85,46 @@ def test_all_nan_top_rule_keeps_nothing():
     table = _table([float("nan")] * 3)
     keep, _ = apply(resolve_fractions(parse(["top 50% by clip_score"], SCHEMA), table), table)
     assert not keep.any()
+
+
+def test_column_a_shard_lacks_fails_every_rule():
+    """A metadata column one input of a mixed run does not have reaches that shard's rules as an
+    all-null column: every rule on it fails, a top fraction ranks nothing there."""
+    schema = pa.schema([("key", pa.string()), ("punsafe", pa.float64()), ("source", pa.string())])
+    table = pa.table({"key": ["a", "b"], "punsafe": pa.nulls(2), "source": pa.nulls(2)})
+    for rule in ("punsafe < 0.5", "punsafe != 1", "source in [laion]", "source not in [laion]", "top 50% by punsafe"):
+        keep, reason = apply(resolve_fractions(parse([rule], schema), table), table)
+        assert not keep.any() and reason == [rule, rule], rule
+
+
+@pytest.mark.parametrize("case", ["ulps", "mixed"])
+def test_threshold_from_shard_summaries_is_the_exact_kth_value(case):
+    """resolve_fractions over per-shard summaries (the radix select select runs as Ray tasks) gives
+    numpy's k-th value of all shards' values together: here with 70k values that differ only in
+    their last bits (every round of the search, no early end), and with ties, signed zeros,
+    infinities, NaN and nulls."""
+    from filters.rules import order_keys, summarize
+
+    rng = np.random.default_rng(1)
+    if case == "ulps":
+        values = np.repeat(1.0 + np.arange(35_000) * 2.0**-52, 2)  # 70k values, all in one top-48-bit prefix
+    else:
+        values = rng.choice([0.0, -0.0, np.inf, -np.inf, 0.25, 0.5, 1e-300, -3.0, np.nan], size=5000)
+        values[:2000] = np.round(rng.normal(size=2000), 1)
+    rng.shuffle(values)
+    parts = [pa.table({"x": pa.array(p, mask=rng.random(len(p)) < 0.02)}) for p in np.array_split(values, 7)]
+    schema = pa.schema([("x", pa.float64())])
+    rounds = []
+
+    def run_round(queries):
+        rounds.append(queries)
+        for part in parts:
+            yield {i: summarize(order_keys(part["x"]), q) for i, q in queries.items()}
+
+    every = np.concatenate([p["x"].to_numpy(zero_copy_only=False) for p in parts])
+    every = np.sort(every[~np.isnan(every)])
+    for frac in (0.1, 30, 50, 99.9):
+        rules = resolve_fractions(parse([f"top {frac}% by x", f"bottom {frac}% by x"], schema), run_round)
+        k = max(1, int(np.ceil(frac / 100 * len(every) - 1e-9)))
+        assert rules[0].value == every[-k] and rules[1].value == every[k - 1], frac
+    assert len(rounds) <= 4 * 4  # at most four rounds a fraction, both rules of a run in the same rounds

@@ -94,3 +94,35 @@ def test_cli_score_with_a_model_that_cannot_load_is_one_line_and_exit_2(tmp_path
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert key in lines[0] and value in lines[0], lines[0]
     assert not (tmp_path / "run" / "scores").exists()
+
+
+def test_clip_and_aesthetic_weights_load_from_s3(s3, tiny_clip):
+    """A local-dir: CLIP folder and an aesthetic head on the object store: checked, then loaded
+    (copied to a temporary local folder for open_clip) like local ones."""
+    import torch
+
+    from filters.aesthetic import AestheticScorer, check_aesthetic
+    from filters.clip import load_clip
+    from pipeline import storage
+
+    folder = tiny_clip.split(":", 1)[1]
+    for f in os.listdir(folder):
+        storage.upload(os.path.join(folder, f), f"{s3}/models/clip/{f}")
+    remote = f"local-dir:{s3}/models/clip"
+    assert check_clip(remote, None) == f"{s3}/models/clip/open_clip_model.safetensors"
+    model, _, _ = load_clip(remote)
+    local, _, _ = load_clip(tiny_clip)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local.state_dict().values()))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        check_clip(f"local-dir:{s3}/models/nothing", None)
+    head = torch.nn.Linear(64, 1)
+    path = storage.path(f"{s3}/models/head.pth")
+    with path.open("wb") as f:
+        torch.save(head.state_dict(), f)
+    check_aesthetic(str(path), remote)  # 64-d head, 64-d tiny CLIP
+    scorer = AestheticScorer(str(path))
+    scorer.setup()
+    x = torch.nn.functional.normalize(torch.ones(1, 64), dim=-1)
+    with torch.no_grad():
+        want = float(head(x)[0, 0])
+    assert scorer.score(torch.ones(1, 64).numpy())[0] == pytest.approx(want, abs=1e-6)

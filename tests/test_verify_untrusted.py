@@ -243,7 +243,7 @@ def test_build_refuses_other_image_formats_in_raw_shards(run, tmp_path, local_ra
     assert sorted(failed) == keys
     assert all(reason.startswith("decode error: UnidentifiedImageError") for reason in failed.values()), failed
     for key, fmt in zip(keys, FOREIGN):
-        assert _image(copy / "raw", key, {}) is None  # the report's grid shows a blank
+        assert _image(copy / "raw", 1, key, {}) is None  # the report's grid shows a blank
         with pytest.raises(Image.UnidentifiedImageError):
             decode_image(payload(fmt))
 
