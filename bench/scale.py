@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 RULES = ["not duplicate", "min_side >= 128", "top 30% by clip_score"]
-GEN_VERSION = 2
+GEN_VERSION = 3
 SOURCE = "bench"
 
 # -- the synthetic rows: every value a pure function of (seed, row), so any shard is made alone ----
@@ -139,61 +139,54 @@ def url_table(rows: dict):
                      "pwatermark": unit(rand(r, 22, 0)).astype(np.float32)})
 
 
-def raw_table(rows: dict):
+def raw_table(rows: dict, inputs):
+    """raw/NNNNN.parquet as download writes it: img2dataset's columns, LAION's extras, the source."""
     import pyarrow as pa
 
     from pipeline.download import classify
+    from pipeline.fetch import TAG
+    from pipeline.schemas import RAW
 
     ok = rows["kind"] != 1
     status = np.where(ok, "success", "failed_to_download").tolist()
-    from pipeline.fetch import TAG
-
     message = [None if o else f"{TAG}http_404: HTTP Error 404: Not Found" for o in ok]
-    dims = {c: pa.array(np.where(ok, rows[c], 0), pa.int64(), mask=~ok) for c in ("width", "height")}
-    table = url_table(rows)
-    return pa.table({
-        "key": rows["key"], "url": rows["url"], "caption": rows["caption"], "status": status,
-        "error_message": pa.array(message, pa.string()), **dims,
-        "original_width": table["WIDTH"], "original_height": table["HEIGHT"],
-        "sha256": pa.array([h if o else None for h, o in zip(rows["sha256"], ok)], pa.string()),
-        "similarity": table["similarity"], "punsafe": table["punsafe"], "pwatermark": table["pwatermark"],
-        "source": [SOURCE] * len(ok),
-        "error_reason": [classify(s, m) for s, m in zip(status, message)],
-        "attempts": pa.array(np.ones(len(ok), np.int32)),
-    })
+    values = {
+        "key": rows["key"], "url": rows["url"], "caption": rows["caption"], "status": status, "error_message": message,
+        "width": pa.array(rows["width"], mask=~ok), "height": pa.array(rows["height"], mask=~ok),
+        "original_width": inputs["WIDTH"], "original_height": inputs["HEIGHT"],
+        "sha256": pa.array(rows["sha256"], mask=~ok), "error_reason": [classify(*m) for m in zip(status, message)],
+        "attempts": np.ones(len(ok), np.int32)}
+    table = pa.table({f.name: pa.array(values[f.name]).cast(f.type) for f in RAW})
+    for c in ("similarity", "punsafe", "pwatermark"):
+        table = table.append_column(c, inputs[c])
+    return table.append_column("source", pa.array([SOURCE] * len(ok)))
 
 
 def scores_table(rows: dict, dim: int):
-    """The score stage's columns (scorers basic, phash, clip) for the downloaded rows."""
+    """scores/NNNNN.parquet as the score stage writes it (scorers basic, phash, clip) for the downloaded rows;
+    a row whose image did not decode has an error and no scores."""
     import pyarrow as pa
 
-    from filters.basic import BasicScorer, PhashScorer
-    from pipeline.score import BASE_SCHEMA
+    from pipeline.schemas import SCORER_SCHEMAS, SCORES_BASE
 
     ok = rows["kind"] != 1
     bad = rows["score_error"][ok]
     clip = pa.schema([("clip_score", pa.float32()), ("clip_embedding", pa.list_(pa.float16(), dim))])
-    schema = pa.schema(list(BASE_SCHEMA) + list(BasicScorer.schema) + list(PhashScorer.schema) + list(clip))
+    schema = pa.schema([*SCORES_BASE, *SCORER_SCHEMAS["basic"], *SCORER_SCHEMAS["phash"], *clip])
     w, h = rows["width"][ok], rows["height"][ok]
-    emb = rows["embedding"][ok]
+    captions = [c for c, o in zip(rows["caption"], ok) if o]
     values = {
-        "key": [k for k, o in zip(rows["key"], ok) if o],
+        "key": [k for k, o in zip(rows["key"], ok) if o], "sha256": [s for s, o in zip(rows["sha256"], ok) if o],
         "score_error": ["decode error: UnidentifiedImageError: synthetic" if b else None for b in bad],
-        "sha256": [s for s, o in zip(rows["sha256"], ok) if o],
-        "width": w, "height": h, "min_side": rows["min_side"][ok], "aspect_ratio": (w / h).astype(np.float32),
-        "file_size": (w.astype(np.int64) * h // 8), "caption_chars": [len(c) for c, o in zip(rows["caption"], ok) if o],
-        "caption_words": [len(c.split()) for c, o in zip(rows["caption"], ok) if o],
-        "junk_alt": np.zeros(len(w), np.float32), "phash": rows["phash"][ok], "phash_mirror": rows["phash_mirror"][ok],
+        "width": w, "height": h, "min_side": rows["min_side"][ok], "aspect_ratio": w / h, "file_size": w * h // 8,
+        "caption_chars": [len(c) for c in captions], "caption_words": [len(c.split()) for c in captions],
+        "junk_alt": np.zeros(len(w)), "phash": rows["phash"][ok], "phash_mirror": rows["phash_mirror"][ok],
         "clip_score": rows["clip_score"][ok],
-        "clip_embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float16()), dim,
-                                                            mask=pa.array(bad)),
-    }
-    cols = {}
-    for f in schema:  # a row whose image failed to decode has no scores
-        mask = bad if f.name not in ("key", "score_error", "sha256") else None
-        v = values[f.name]
-        cols[f.name] = v if isinstance(v, pa.Array) else pa.array(v, f.type, mask=mask)
-    return pa.table(cols, schema=schema)
+        "clip_embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(rows["embedding"][ok].reshape(-1), pa.float16()), dim, mask=pa.array(bad))}
+    keep = ("key", "score_error", "sha256", "clip_embedding")
+    return pa.table({f.name: values[f.name] if f.name in keep else pa.array(values[f.name], mask=bad).cast(f.type)
+                     for f in schema}, schema=schema)
 
 
 def run_config(run: Path, urls: Path, per_shard: int, cpus: int, output: Path | None = None):
@@ -232,14 +225,14 @@ def generate(work: Path, n: int, per_shard: int, dim: int, seed: int, cpus: int)
         rows = shard_rows(sid, n, per_shard, dim, seed)
         for name, k in (("failed", 1), ("exact", 2), ("near", 3), ("semantic", 4), ("undecodable", 5)):
             planted[name] += int((rows["kind"] == k).sum())
+        inputs = url_table(rows)
         if sid * per_shard % per_file == 0:  # the next file of the URL list
             if writer:
                 writer.close()
-            table = url_table(rows)
-            writer = pq.ParquetWriter(urls / f"part-{sid * per_shard // per_file:05d}.parquet", table.schema)
-        writer.write_table(url_table(rows))
+            writer = pq.ParquetWriter(urls / f"part-{sid * per_shard // per_file:05d}.parquet", inputs.schema)
+        writer.write_table(inputs)
         name = shards.shard_name(sid)
-        raw = raw_table(rows)
+        raw = raw_table(rows, inputs)
         staging = shards.new_staging(run / "raw", sid)
         shards.write_tar(staging / f"{name}.tar", [])  # no images
         shards.write_parquet(staging / f"{name}.parquet", raw)
@@ -271,20 +264,14 @@ def generate(work: Path, n: int, per_shard: int, dim: int, seed: int, cpus: int)
 def _plan(ctx) -> dict:
     from pipeline import download
 
-    if not hasattr(download, "prepare"):  # before issue 12: the input normalised whole, then sharded
-        _, todo, _ = download.plan(ctx.plan_cfg)
-        return {"shards": len(todo), "rows": sum(n for *_, n in todo)}
     planner = download.prepare(ctx.plan_cfg)
     todo = [(sid, rows) for sid, _, _, rows in download.jobs(ctx.plan_cfg, planner)]  # planned as it is read
     return {"shards": len(todo), "rows": sum(n for _, n in todo)}
 
 
 def _dedup(ctx) -> dict:
-    try:
-        from pipeline import dedup
-    except ImportError:  # before issue 12: the driver-side pass of the score stage
-        from pipeline.score import dedup as run
-        return {"rows": run(ctx.cfg).num_rows}
+    from pipeline import dedup
+
     return dedup.run(ctx.cfg)
 
 
@@ -298,21 +285,15 @@ def _build_plan(ctx) -> dict:
     from pipeline import build, storage
     from pipeline.select import check_selection
 
-    cfg = ctx.cfg
-    if hasattr(build, "prepare"):
-        build.prepare(cfg)
-    else:  # what build()'s driver does before its actors start
-        infos = build.encoder_infos(cfg.build)
-        build.check_sizes(cfg.build, infos)
-        check_selection(cfg)
-        storage.path(cfg.shards_dir).mkdir(parents=True, exist_ok=True)
-        if hasattr(build, "_digests"):  # issue 12: from the selection's records
-            digests = build._digests(cfg)
-            plan = build.make_plan(cfg, infos, digests)
-        else:  # before: every kept key listed in the driver
-            plan, digests = build.make_plan(cfg, infos)
-        build._check_done(cfg, plan, digests)
-        build._write_plan(cfg.shards_dir, plan)
+    cfg = ctx.cfg  # what build()'s driver does before its actors start
+    infos = build.encoder_infos(cfg.build)
+    build.check_sizes(cfg.build, infos)
+    check_selection(cfg)
+    storage.path(cfg.shards_dir).mkdir(parents=True, exist_ok=True)
+    digests = build._digests(cfg)
+    plan = build.make_plan(cfg, infos, digests)
+    build._check_done(cfg, plan, digests)
+    build._write_plan(cfg.shards_dir, plan)
     plan = json.loads((storage.path(cfg.shards_dir) / "_plan.json").read_text())
     return {k: v for k, v in plan.items() if k != "sources"}
 

@@ -191,6 +191,8 @@ def semantic_best(emb: np.ndarray, threshold: float, block: int = 1024) -> np.nd
 def embeddings(column) -> np.ndarray:
     """A list<float> column of equal-length vectors as an (n, dim) array."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(column) == 0:  # no rows: nothing tells the width (reshape(0, -1) is ambiguous)
+        return np.zeros((0, 0), np.float32)
     return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
 
 

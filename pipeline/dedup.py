@@ -221,6 +221,8 @@ def _assign(job: dict, sid: int) -> None:
     t, base = _rows(job, sid, ["key", "score_error", "clip_score", "min_side", "clip_embedding"])
     ok = pc.is_valid(t["clip_embedding"])
     emb, base = t["clip_embedding"].filter(ok), base.filter(ok)
+    if not len(emb):  # a shard with no embedded row (every download failed, say): no records
+        return
     with (storage.path(job["work"]) / "centroids.npy").open("rb") as f:
         centroids = np.load(f)
     index = faiss.IndexFlatIP(centroids.shape[1])

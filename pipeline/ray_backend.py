@@ -1,7 +1,14 @@
 """The one module that touches Ray.
 
-Stages are plain callables; this module starts (or joins) Ray and runs them as tasks,
-one per shard, with a progress bar. A Ray API change touches this file only.
+Stages are plain callables; this module starts (or joins) Ray and runs them as tasks
+(:func:`run_tasks`, one per shard) or on pools of actors that load a model once
+(:func:`run_actor_pool`), reading the items lazily, with a progress bar and live metrics
+(:class:`StageMetrics`). Work lost with its process or node is retried a bounded number of
+times (Ray's task retries; a dead actor is replaced and its item queued again), then
+reported as a failure naming the reason. Each stage sizes its actors from its own
+resources section (:func:`actor_resources`). Joining a cluster ships Tapir's packages and
+the storage settings to the workers (:func:`runtime_env`). A Ray API change touches this
+file only.
 
 Network hygiene: a local Ray's dashboard probes the cloud metadata address
 (169.254.169.254) at start-up unless ``$HOME/ray_bootstrap_config.yaml`` exists, and a
@@ -26,8 +33,6 @@ from typing import Any, Callable, Iterable, Iterator, Sized
 from tqdm import tqdm
 
 from pipeline.stage_metrics import StageMetrics
-
-__all__ = ["StageMetrics", "TaskTimeout", "WorkLost", "actor_resources", "init", "run_actor_pool", "run_tasks"]
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +407,7 @@ def run_actor_pool(
     queue = _Items(items)
     head = queue.next()  # the next item, pulled before an actor is started for it
     bar = _bar(items, desc, unit, weight, total)
-    waiting_since, start_failures, start_error = None, 0, ""
+    waiting_since, warned, start_failures, start_error = None, 0.0, 0, ""
     try:
         while True:
             while head is not None and idle:
@@ -421,17 +426,23 @@ def run_actor_pool(
                 starting[actor.ready.remote()] = actor
                 continue
             done, _ = ray.wait([*busy, *starting], num_returns=1, timeout=metrics.every if metrics else 30)
-            if not done and not busy and starting:
-                waiting_since = waiting_since or time.monotonic()
-                log.warning("%s: waiting %.0fs for the cluster to place %d actor(s) (%g CPU, %g GPU each)", desc,
-                            time.monotonic() - waiting_since, len(starting), num_cpus, num_gpus)
+            if busy or not starting:
+                waiting_since = None
+            elif not done:  # nothing to do but wait for actors: say so every minute
+                now = time.monotonic()
+                waiting_since, warned = (waiting_since, warned) if waiting_since else (now, now)
+                if now - warned >= 60:
+                    warned = now
+                    log.warning("%s: waiting %.0fs for %d actor(s) to start: the cluster must place them (%g CPU, "
+                                "%g GPU each), then their setup() runs", desc, now - waiting_since, len(starting),
+                                num_cpus, num_gpus)
             for ref in done:
                 if ref in starting:
                     actor = starting.pop(ref)
                     try:
                         ray.get(ref)
                         idle.append(actor)
-                        waiting_since, start_failures = None, 0
+                        start_failures = 0
                     except lost as err:  # died before it took any work: start another (a bounded number)
                         start_failures, start_error = start_failures + 1, f"{type(err).__name__}: {_first_line(err)}"
                         log.warning("%s: an actor died while starting (%s)%s", desc, start_error,

@@ -69,9 +69,9 @@ def _with_metadata(scores: pa.Schema, meta: pa.Schema) -> pa.Schema:
 def check_rules(cfg: RunConfig) -> None:
     """Fail before any work when a rule is malformed or names a column neither the config's
     scorers nor the input's metadata will have."""
-    from pipeline.score import expected_schema
+    from pipeline.schemas import scores_schema
 
-    parse(cfg.select.rules, _with_metadata(expected_schema(cfg.score), metadata_schema(cfg)))
+    parse(cfg.select.rules, _with_metadata(scores_schema(cfg.score.outputs), metadata_schema(cfg)))
 
 
 def _scores_schema(cfg: RunConfig, ids: list[int]) -> pa.Schema:

@@ -706,3 +706,26 @@ def test_report_draws_its_visuals_from_a_sample_of_shards(tmp_path, local_ray):
     page = (run / "report" / "index.html").read_text()
     assert "of 2 sampled score shard(s): 00000, 00005" in page
     assert (run / "report" / "samples.png").exists() and (run / "report" / "captions.png").exists()
+
+
+def test_build_verify_and_report_on_an_object_store(s3, tmp_path, local_ray):
+    """The run folder on the loopback S3 server: the plan, the build actors, verify's tasks and the
+    report read and write through s3fs (the shards are uploaded whole, the record last)."""
+    import fsspec
+
+    from pipeline import storage
+    from pipeline.report import report
+
+    local = tmp_path / "run"
+    write_curated_run(local, 12, per_shard=6, faults=False)
+    fsspec.filesystem("s3").put(str(local), f"{s3[len('s3://'):]}/run", recursive=True)
+    run = f"{s3}/run"
+    cfg = _config(run, "build.samples_per_shard=5")
+    funnel = build(cfg)
+    assert funnel["written"] == 8 and funnel["shards"] == 2, funnel
+    faults, summary = verify(f"{run}/shards", progress=False, local_below=0)
+    assert faults == [] and summary["samples"] == 8
+    assert not storage.path(f"{run}/shards/_verify").exists()
+    found, _ = report(run, sample_shards=1)
+    assert found["build"]["written"] == 8 and found["lineage"]["counts"]["written"] == 8
+    assert storage.path(f"{run}/report/index.html").exists() and storage.path(f"{run}/report/samples.png").exists()

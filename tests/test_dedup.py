@@ -249,3 +249,16 @@ def test_dedup_on_object_storage(local_ray, world, s3):
     result = dedup.run(cfg)
     _check(cfg, keys, planted, result)
     assert not storage.path(f"{s3}/run/scores/_dedup/_work").exists()
+
+
+def test_a_shard_without_a_scored_row_is_no_obstacle(local_ray, world, tmp_path):
+    """A score shard whose every row failed (no hash, no embedding) has no records in any
+    partition: dedup still runs, and that shard's file lists its rows as kept."""
+    rows, planted = world
+    assert len(rows) % 39 == 0  # the last shard then holds only the failed row
+    cfg = _config(tmp_path / "run")
+    keys = _write_scores(cfg.scores_dir, rows, per_shard=39)
+    result = dedup.run(cfg)
+    _check(cfg, keys, planted, result)
+    last = dedup.read(cfg, result["shards"] - 1).to_pylist()
+    assert [r["key"] for r in last] == [keys["failed"]] and last[0]["duplicate_of"] is None
