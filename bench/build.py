@@ -53,12 +53,13 @@ def save_vae(folder: Path, arch: str) -> str:
 
 def write_plan(cfg):
     """What `tapir build`'s driver does before its actors start: the preflight and the plan."""
-    from pipeline.build import _write_plan, check_sizes, encoder_infos, make_plan
+    from pipeline.build import _digests, _write_plan, check_sizes, encoder_infos
+    from pipeline.buildplan import make_plan
 
     infos = encoder_infos(cfg.build)
     check_sizes(cfg.build, infos)
     cfg.shards_dir.mkdir(parents=True, exist_ok=True)
-    plan, _ = make_plan(cfg, infos)
+    plan = make_plan(cfg, infos, _digests(cfg))
     _write_plan(cfg.shards_dir, plan)
     return plan
 
@@ -66,14 +67,14 @@ def write_plan(cfg):
 def build_inprocess(cfg) -> dict:
     """The build stage without Ray (for a machine that has none): plan, one worker, manifest."""
     from pipeline import manifest, shards
-    from pipeline.build import BuildShard, _planned
+    from pipeline.build import BuildShard
 
     plan = write_plan(cfg)
     stage = BuildShard(cfg.model_dump())
     stage.setup()
-    for sid in range(_planned(plan)):
+    for sid in range(plan.shards):
         stage(sid)
-    manifest.write(cfg.shards_dir, cfg.build, _planned(plan))
+    manifest.write(cfg.shards_dir, cfg.build, plan.shards)
     return {"written": sum(shards.read_stats(cfg.shards_dir, s)["count"] for s in shards.done_shards(cfg.shards_dir)),
             "setup": stage.setup_seconds}
 
@@ -96,10 +97,12 @@ def _batches(cfg, plan, sids: list[int]) -> list:
     from PIL import Image, ImageOps
 
     from pipeline import shards
+    from pipeline.build import encoder_infos
+    from pipeline.buildplan import planned_rows
 
-    out = []
+    infos, out = encoder_infos(cfg.build), []
     for sid in sids:
-        rows = [r for r in plan.to_pylist() if r["shard"] == sid]
+        rows = [r for source, start, stop in plan.slices(sid) for r in planned_rows(cfg, infos, source)[start:stop]]
         tars = {s: shards.read_tar(cfg.score_input / f"{shards.shard_name(s)}.tar") for s in {r["source"] for r in rows}}
         groups: dict[tuple, list] = {}
         for r in rows:
@@ -117,10 +120,11 @@ def bare(spec: dict, part: int, procs: int):
     from diffusers import AutoencoderKL
 
     from filters.clip import pick_device
-    from pipeline.build import encoder_infos, make_plan
+    from pipeline.build import _digests, encoder_infos
+    from pipeline.buildplan import make_plan
 
     cfg = _config(spec)
-    plan, _ = make_plan(cfg, encoder_infos(cfg.build))
+    plan = make_plan(cfg, encoder_infos(cfg.build), _digests(cfg))
     batches = _batches(cfg, plan, share(spec["shards"], part, procs))
     device = pick_device(spec["device"])
     vae = AutoencoderKL.from_pretrained(spec["vae"]).eval().to(device)

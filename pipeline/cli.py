@@ -144,9 +144,18 @@ def _preflight(cfg) -> None:
     encoder_infos(cfg.build)
 
 
+def _join(args) -> None:
+    """`--ray-address` of report and verify (no config): their Ray tasks join that cluster."""
+    import os
+
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address
+
+
 def cmd_report(args) -> int:
     from pipeline.report import format_stage, report
 
+    _join(args)
     funnel, path = report(args.run_dir, sample_shards=args.sample_shards)  # a path or URL, as given
     for stage in funnel.values():
         print(format_stage(stage))
@@ -158,6 +167,7 @@ def cmd_report(args) -> int:
 def cmd_verify(args) -> int:
     from pipeline.manifest import verify
 
+    _join(args)
     faults, summary = verify(args.shards_dir)  # a path or URL, as given
     for fault in faults[:args.max_faults]:
         print(f"FAULT {fault}")
@@ -344,11 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run folder (a path or URL)")
     p.add_argument("--sample-shards", type=int, default=8, metavar="N", help="shards the plots and grids draw "
                    "on (the funnel counts every shard)")
+    p.add_argument("--ray-address", help="run its tasks on an existing Ray cluster (also $RAY_ADDRESS)")
     p.set_defaults(func=cmd_report, verbose=False)
 
     p = sub.add_parser("verify", help="check every shard of a shards folder against its manifest")
     p.add_argument("shards_dir", help="shards folder (a path or URL)")
     p.add_argument("--max-faults", type=int, default=50, help="faults printed at most (all are counted)")
+    p.add_argument("--ray-address", help="run its tasks on an existing Ray cluster (also $RAY_ADDRESS)")
     p.set_defaults(func=cmd_verify, verbose=False)
 
     p = sub.add_parser("demo", help="build a synthetic web, serve it on loopback, run the pipeline on it")

@@ -1,6 +1,6 @@
 """A real multi-node Ray cluster on this machine for the tests: ``ray start`` head and worker nodes.
 
-Every node binds 127.0.0.1 and has a temporary folder of its own (``--temp-dir``), so its
+Every node has a loopback address of its own (the head 127.0.0.2, worker node N 127.0.0.N+2) and a temporary folder of its own (``--temp-dir``), so its
 processes (raylet, agents, workers) are found by that folder in their command lines: a test
 kills one node (SIGKILL to each of its processes, as a lost machine) without touching the
 other nodes or any other Ray on the machine (``ray stop`` would stop them all).
@@ -27,6 +27,7 @@ import psutil
 from s3server import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
+HEAD_IP = "127.0.0.2"
 
 
 class LocalCluster:
@@ -39,7 +40,7 @@ class LocalCluster:
         (self.home / "ray_bootstrap_config.yaml").write_text("{}\n")
         self.cpus = cpus_per_node
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{HEAD_IP}:{self.port}"
         self.nodes: list[Path] = []
         self.token = uuid.uuid4().hex + uuid.uuid4().hex  # the cluster's auth token, for nodes and drivers
 
@@ -51,23 +52,28 @@ class LocalCluster:
                 "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
                 "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3", **extra}
 
-    def _start(self, args: list[str], **env: str) -> Path:
+    def _start(self, args: list[str], ip: str, **env: str) -> Path:
         temp = self.root / f"n{len(self.nodes)}"
-        cmd = [RAY, "start", "--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus), "--num-gpus", "0",
+        cmd = [RAY, "start", "--node-ip-address", ip, "--num-cpus", str(self.cpus), "--num-gpus", "0",
                "--temp-dir", str(temp), "--disable-usage-stats", *args]
-        proc = subprocess.run(cmd, env=self.env(**env), capture_output=True, text=True, timeout=180)
+        self.nodes.append(temp)  # before it starts: whatever it left is stopped on exit
+        try:
+            proc = subprocess.run(cmd, env=self.env(**env), capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"{' '.join(cmd)} hung:\n{e.stdout}\n{e.stderr}") from None
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-        self.nodes.append(temp)
         return temp
 
     def __enter__(self) -> "LocalCluster":
-        self._start(["--head", "--port", str(self.port), "--include-dashboard", "false"])
+        # Ray swaps 127.0.0.1 (and localhost) for the machine's routable address; other loopback
+        # addresses it leaves alone: the head is 127.0.0.2, worker node N 127.0.0.N+2
+        self._start(["--head", "--port", str(self.port), "--include-dashboard", "false"], HEAD_IP)
         return self
 
     def add_worker(self, **env: str) -> Path:
         """Start a worker node (``env``: extra environment its workers inherit); its temp folder names it."""
-        node = self._start(["--address", self.address], **env)
+        node = self._start(["--address", self.address], f"127.0.0.{len(self.nodes) + 2}", **env)
         self.wait_for_nodes(len(self.alive()))
         return node
 
