@@ -87,7 +87,7 @@ def runtime_env(ship_code: bool) -> dict:
 
     from pipeline import storage
 
-    env = {k: os.environ[k] for k in QUIET_ENV} | storage.worker_env()
+    env = {k: os.environ.get(k, v) for k, v in QUIET_ENV.items()} | storage.worker_env()
     out: dict = {"env_vars": env}
     if ship_code:
         out["py_modules"] = [os.path.dirname(importlib.import_module(p).__file__) for p in PACKAGES]
@@ -95,7 +95,8 @@ def runtime_env(ship_code: bool) -> dict:
 
 
 def init(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (or $RAY_ADDRESS), else start Ray in-process bound to 127.0.0.1."""
+    """Join ``address`` (or $RAY_ADDRESS), shipping Tapir's code and storage settings to its
+    workers (:func:`runtime_env`); else start Ray in-process bound to 127.0.0.1."""
     import ray
 
     quiet_env()
@@ -165,11 +166,11 @@ def _stall_hook(desc: str) -> None:
     """Tests of node loss: ``TAPIR_TEST_STALL=score,build`` in a node's environment stalls the
     first item of those stages on that node for ``TAPIR_TEST_STALL_S`` seconds, after creating
     ``$TAPIR_TEST_STALL_DIR/<stage>`` (a test waits for it, then kills the node mid-item)."""
-    stages = os.environ.get("TAPIR_TEST_STALL")
-    if not stages or desc.split()[0] not in stages.split(","):
+    stages, stage = os.environ.get("TAPIR_TEST_STALL"), (desc.split() or [""])[0]
+    if not stages or stage not in stages.split(","):
         return
     try:
-        fd = os.open(os.path.join(os.environ["TAPIR_TEST_STALL_DIR"], desc.split()[0]), os.O_CREAT | os.O_EXCL)
+        fd = os.open(os.path.join(os.environ["TAPIR_TEST_STALL_DIR"], stage), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     except FileExistsError:
         return  # stalled once already
     os.close(fd)
@@ -205,20 +206,6 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
 
 
 _END = object()
-
-
-class _Items:
-    """A lazy queue: retried items first, then the caller's iterable, pulled one at a time."""
-
-    def __init__(self, items: Iterable[Any]):
-        self.source, self.retry = iter(items), deque()
-
-    def next(self):
-        """(item, attempt) or None when nothing is left."""
-        if self.retry:
-            return self.retry.popleft()
-        item = next(self.source, _END)
-        return None if item is _END else (item, 0)
 
 
 def _bar(items, desc, unit, weight, total):
@@ -258,12 +245,12 @@ def run_tasks(
     lost = _lost_errors()
     limit = max_in_flight or max(1, int(cluster_cpus() / max(num_cpus, 1e-3)))
     pending: dict = {}  # ref -> (item, submitted at)
-    queue = _Items(items)
+    source = iter(items)
     bar = _bar(items, desc, unit, weight, total)
     try:
         while True:
-            while len(pending) < limit and (nxt := queue.next()) is not None:
-                pending[remote.remote(fn, nxt[0], desc)] = (nxt[0], time.monotonic())
+            while len(pending) < limit and (item := next(source, _END)) is not _END:
+                pending[remote.remote(fn, item, desc)] = (item, time.monotonic())
             if not pending:
                 return
             wait = metrics.every if metrics else None
@@ -393,8 +380,8 @@ def run_actor_pool(
     ``items`` is read lazily, one per idle actor. An actor that dies (its process killed, its
     node lost) is replaced by a new one and its item queued again, up to ``max_retries`` times
     per item; then the item is yielded with a :class:`WorkLost` naming the reason. Actors
-    start as work arrives, at most ``actors``; a replacement the cluster cannot place yet
-    waits while the others go on. ``total``, ``weight``, ``metrics``: as :func:`run_tasks`.
+    start as work arrives (one per waiting item), at most ``actors``; a replacement the
+    cluster cannot place yet waits while the others go on. ``total``, ``weight``, ``metrics``: as :func:`run_tasks`.
     """
     import ray
 
@@ -404,24 +391,26 @@ def run_actor_pool(
     starting: dict = {}  # ready ref -> actor
     idle: list = []
     busy: dict = {}  # call ref -> (item, attempt, actor)
-    queue = _Items(items)
-    head = queue.next()  # the next item, pulled before an actor is started for it
+    source, ahead = iter(items), deque()  # items pulled (at most `actors` ahead) and not yet on an actor
     bar = _bar(items, desc, unit, weight, total)
     waiting_since, warned, start_failures, start_error = None, 0.0, 0, ""
     try:
         while True:
-            while head is not None and idle:
+            while len(ahead) < actors and (item := next(source, _END)) is not _END:
+                ahead.append((item, 0))
+            while ahead and idle:
+                item, attempt = ahead.popleft()
                 actor = idle.pop()
-                busy[actor.run.remote(head[0])] = (*head, actor)
-                head = queue.next()
-            if head is None and not busy:
+                busy[actor.run.remote(item)] = (item, attempt, actor)
+            if not ahead and not busy:
                 return
-            if head is not None and not (starting or busy or idle) and start_failures > max_retries:
+            if ahead and not (starting or busy or idle) and start_failures > max_retries:
                 # no actor could start: every item left fails with the reason
-                yield _finish(bar, metrics, weight, head[0], WorkLost(f"no actor could start: {start_error}"), None)
-                head = queue.next()
+                item, _ = ahead.popleft()
+                yield _finish(bar, metrics, weight, item, WorkLost(f"no actor could start: {start_error}"), None)
                 continue
-            if head is not None and len(starting) + len(busy) + len(idle) < actors and start_failures <= max_retries:
+            if len(starting) < len(ahead) and len(starting) + len(busy) + len(idle) < actors \
+                    and start_failures <= max_retries:  # an actor for each waiting item, up to `actors`
                 actor = cls.remote(stage_ref, desc)
                 starting[actor.ready.remote()] = actor
                 continue
@@ -458,9 +447,7 @@ def run_actor_pool(
                     if attempt < max_retries:
                         log.warning("%s: an actor died (%s); retrying its %s on a new actor (retry %d of %d)",
                                     desc, reason, unit, attempt + 1, max_retries)
-                        queue.retry.append((item, attempt + 1))
-                        if head is None:
-                            head = queue.next()
+                        ahead.appendleft((item, attempt + 1))
                         continue
                     node, result = None, WorkLost(f"its actor died {attempt + 1} times; last: {reason}")
                 except Exception as err:  # a failed item is data, reported to the caller

@@ -99,6 +99,7 @@ class RecaptionShard:
     """Captions one shard; a plain class (no Ray), run on an actor pool."""
 
     config: dict
+    prompts: dict | None = None  # {kind: PromptTemplate}, read in the driver: a cluster's workers have no configs/
 
     def setup(self) -> None:
         from recaption.backends import refuse_unhonoured
@@ -106,7 +107,7 @@ class RecaptionShard:
 
         self.cfg = RunConfig.model_validate(self.config)
         r = self.cfg.recaption
-        self.prompts = load_prompts(self.cfg)
+        self.prompts = self.prompts or load_prompts(self.cfg)
         self.counter = clip_token_counter() if r.token_counter == "clip" else word_count
         self.captioner = build_captioner(self.cfg)
         self.captioner.setup()
@@ -248,7 +249,7 @@ def recaption(cfg: RunConfig) -> dict:
     metrics = ray_backend.StageMetrics(out, "recaption", summarize=lambda s: {
         "rows": s["count"], "ok": s["ok"] + s["partial"], "errors": s["reasons"]})
     for sid, result, _ in ray_backend.run_actor_pool(
-            RecaptionShard(cfg.model_dump()), todo, desc="recaption", weight=lambda s: rows[s], unit="img",
+            RecaptionShard(cfg.model_dump(), prompts), todo, desc="recaption", weight=lambda s: rows[s], unit="img",
             metrics=metrics, **resources):
         if isinstance(result, Exception):
             failures[sid] = result

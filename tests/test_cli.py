@@ -2,12 +2,8 @@
 
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -88,49 +84,6 @@ def test_kill_9_then_resume_matches_uninterrupted(reference_run, url_list, tmp_p
     assert images == ref_images  # same keys, same image bytes
     assert reasons == ref_reasons
     assert not list((raw / "_staging").glob("*"))
-
-
-def test_two_node_ray_cluster(url_list, tmp_path):
-    """`ray start --head` plus a second `ray start --address` on this machine, used via --ray-address."""
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "ray_bootstrap_config.yaml").write_text("{}\n")  # no cloud-metadata probe
-    port = 20000 + secrets.randbelow(20000)
-    env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
-               RAY_USAGE_STATS_ENABLED="0", RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/")
-    ray = str(Path(sys.executable).parent / "ray")
-    temp = tempfile.mkdtemp(prefix="tapir-ray-", dir="/tmp")  # short: Ray's socket paths must fit
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--temp-dir", temp]
-    try:
-        subprocess.run([ray, "start", "--head", "--port", str(port), "--include-dashboard", "false", *common],
-                       env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", *common],
-                       env=env, check=True, capture_output=True, timeout=120)
-        out = tmp_path / "run"
-        proc = _run(["download", "--url-list", url_list, "--output", out, "--allow-loopback",
-                     "--ray-address", f"127.0.0.1:{port}", *_sets("download.samples_per_shard=10",
-                                                                  "resources.download_tasks=2")], env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "ran on 2 Ray node(s)" in proc.stdout, proc.stdout
-        funnel = json.loads(_run(["report", out]).stdout and (out / "report" / "funnel.json").read_text())
-        assert funnel["download"]["lineage_ok"] and funnel["lineage"]["ok"]
-    finally:
-        _stop_cluster(temp)  # not `ray stop`: it would kill every Ray on the machine, the test session's too
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _stop_cluster(temp_dir: str) -> None:
-    """Kill the processes of the cluster whose temp dir is ``temp_dir``, and their children."""
-    import psutil
-
-    own = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
-    family = own + [c for p in own for c in p.children(recursive=True)]
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
 
 
 def test_bad_config_fails_before_work(tmp_path):
