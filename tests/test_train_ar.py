@@ -177,6 +177,7 @@ def test_tokens_from_another_vq_model_are_refused_naming_the_shard(shards):
         train_ar(_cfg(root, "refused", "train_ar.max_steps=1", f"train_ar.vq={models['vq_other']}"))
 
 
+@pytest.mark.slow  # ~90 s; the diffusion trainer's twin test runs the same launch code (BaseTrainer) by default
 def test_ray_train_runs_the_same_loop_as_torchrun(shards):
     """TorchTrainer with two CPU workers on the local Ray: the per-step losses of the two-process
     torchrun DDP run (same seed, data split and world size)."""
