@@ -51,12 +51,6 @@ COLUMNS = ("key", "score_error", "sha256", "phash", "phash_mirror", "clip_score"
 KINDS = tuple(dd.KIND_RANK)
 
 
-# Above this many centroids, rows are assigned to their nearest centroid through an HNSW graph
-# (faiss): cost log k per row instead of k, so assigning N rows to N / cluster_size clusters
-# stays near linear in N. The graph finds the exact nearest centroid for nearly every row.
-HNSW_ABOVE = 1024
-
-
 def out_dir(cfg: RunConfig):
     return storage.path(cfg.scores_dir) / "_dedup"
 
@@ -216,12 +210,6 @@ def _fit(job: dict, _item) -> dict:
     km.train(x)
     with (storage.path(job["work"]) / "centroids.npy").open("wb") as f:
         np.save(f, km.centroids)
-    if k > job["hnsw_above"]:  # many centroids: the assign tasks search a graph over them, log k per row, not k
-        index = faiss.IndexHNSWFlat(km.centroids.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = 128
-        index.add(km.centroids)
-        with (storage.path(job["work"]) / "centroids.hnsw").open("wb") as f:
-            np.save(f, faiss.serialize_index(index))
     return {"k": k, "sample": len(x), "gpu": gpu}
 
 
@@ -235,15 +223,10 @@ def _assign(job: dict, sid: int) -> None:
     emb, base = t["clip_embedding"].filter(ok), base.filter(ok)
     if not len(emb):  # a shard with no embedded row (every download failed, say): no records
         return
-    graph = storage.path(job["work"]) / "centroids.hnsw"
-    if graph.exists():
-        with graph.open("rb") as f:
-            index = faiss.deserialize_index(np.load(f))
-    else:
-        with (storage.path(job["work"]) / "centroids.npy").open("rb") as f:
-            centroids = np.load(f)
-        index = faiss.IndexFlatIP(centroids.shape[1])
-        index.add(centroids)
+    with (storage.path(job["work"]) / "centroids.npy").open("rb") as f:
+        centroids = np.load(f)
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
     x = dd.embeddings(emb).astype(np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     cluster = index.search(x, 1)[1][:, 0] if len(x) else np.zeros(0, np.int64)
@@ -340,7 +323,7 @@ def _job(cfg: RunConfig, counts: dict[int, int]) -> dict:
         "semantic": d.semantic and "clip_embedding" in columns,
         "partitions": {k: max(1, math.ceil(n / d.partition_rows)) for k, n in records.items()},
         "max_distance": d.near_max_distance, "threshold": d.semantic_threshold, "iterations": d.kmeans_iterations,
-        "sample_fraction": min(1.0, d.kmeans_points_per_centroid / d.cluster_size), "hnsw_above": HNSW_ABOVE,
+        "sample_fraction": min(1.0, d.kmeans_points_per_centroid / d.cluster_size),
     }
 
 

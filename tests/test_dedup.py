@@ -262,15 +262,3 @@ def test_a_shard_without_a_scored_row_is_no_obstacle(local_ray, world, tmp_path)
     _check(cfg, keys, planted, result)
     last = dedup.read(cfg, result["shards"] - 1).to_pylist()
     assert [r["key"] for r in last] == [keys["failed"]] and last[0]["duplicate_of"] is None
-
-
-def test_many_clusters_are_assigned_through_a_graph_and_find_the_same(local_ray, world, tmp_path, monkeypatch):
-    """Above HNSW_ABOVE centroids the assign tasks search an HNSW graph (log k per row, so a
-    dataset 8x larger costs about 8x, not 64x): the planted duplicates are found all the same."""
-    rows, planted = world
-    monkeypatch.setattr(dedup, "HNSW_ABOVE", 2)
-    cfg = _config(tmp_path / "run")
-    keys = _write_scores(cfg.scores_dir, rows)
-    result = dedup.run(cfg)
-    assert result["kmeans"]["k"] > 2
-    _check(cfg, keys, planted, result)
