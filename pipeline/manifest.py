@@ -16,8 +16,8 @@ import hashlib
 import io
 import json
 import shutil
-import sys
 import tarfile
+import uuid
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline import shards, storage
 from pipeline.schemas import JSON_UINT64, MANIFEST, MANIFEST_FORMAT, target_sizes
@@ -282,29 +281,26 @@ def _partition(key: str, parts: int) -> int:
 
 
 def _verify_task(item: tuple) -> list[str]:
-    """One shard (a Ray task): its faults; its keys written, hash-partitioned, to
-    ``SCRATCH/NNNNN.parquet`` (one row group per partition) for the duplicate check."""
+    """One shard (a Ray task): its faults; its keys written, hash-partitioned, one file per
+    partition (``SCRATCH/pNNNNNN/SHARD.parquet``), for the duplicate check."""
     folder, index, entry, data, scratch, parts = item
     keys: list[str] = []
     faults = verify_shard(storage.path(folder) / entry["name"], entry, data, keys)
-    part = [_partition(k, parts) for k in keys]
-    table = pa.table({"part": pa.array(part, pa.int32()), "key": pa.array(keys, pa.string())}).sort_by(
-        [("part", "ascending"), ("key", "ascending")])
-    with storage.path(scratch).joinpath(f"{index:08d}.parquet").open("wb") as f:
-        pq.write_table(table.append_column("shard", pa.array([entry["name"]] * table.num_rows, pa.string())), f,
-                       row_group_size=max(1, table.num_rows))
+    part = np.array([_partition(k, parts) for k in keys], np.int64)
+    table = pa.table({"key": pa.array(keys, pa.string()), "shard": pa.array([entry["name"]] * len(keys), pa.string())})
+    for p in np.unique(part):
+        folder_p = storage.path(scratch) / f"p{p:06d}"
+        if not storage.is_remote(folder_p):
+            storage.local(folder_p).mkdir(parents=True, exist_ok=True)
+        storage.write_parquet(folder_p / f"{index:08d}.parquet", table.filter(pa.array(part == p)))
     return faults
 
 
 def _duplicates_task(item: tuple) -> list[str]:
     """One hash partition of every shard's keys (a Ray task): a key in two samples is a fault.
-    Memory: the keys of one partition."""
-    scratch, part, names = item
-    tables = []
-    for i in range(len(names)):
-        path = storage.path(scratch) / f"{i:08d}.parquet"
-        if path.exists():
-            tables.append(storage.read_parquet(path, filters=[("part", "=", part)], columns=["key", "shard"]))
+    Memory and reads: the keys of one partition."""
+    scratch, part = item
+    tables = [storage.read_parquet(path) for path in sorted((storage.path(scratch) / f"p{part:06d}").glob("*.parquet"))]
     if not tables:
         return []
     keys = pa.concat_tables(tables)
@@ -338,7 +334,7 @@ def verify(folder, progress: bool = True, keys_per_partition: int = 5_000_000,
     """Every fault found in a shards folder, and a summary.
 
     One task per shard checks it (:func:`verify_shard`) and writes its keys, hash-partitioned,
-    to ``FOLDER/_verify/``; then one task per partition finds keys in two samples. The driver
+    to ``FOLDER/_verify-RUNID/`` (one file per partition); then one task per partition finds keys in two samples. The driver
     holds the manifest and the faults, never the keys; a task holds one shard or one partition
     (``keys_per_partition`` keys). A folder of fewer than ``local_below`` shards, with no Ray
     running, is checked here, in this process, by the same functions."""
@@ -365,8 +361,7 @@ def verify(folder, progress: bool = True, keys_per_partition: int = 5_000_000,
         ray_backend.init()
     small = {k: v for k, v in data.items() if k != "shards"}
     parts = max(1, -(-int(data["samples"]) // keys_per_partition))
-    scratch = folder / "_verify"
-    _remove(scratch)
+    scratch = folder / f"_verify-{uuid.uuid4().hex[:12]}"  # this run's own: two verifies never share it
     if not storage.is_remote(scratch):
         storage.local(scratch).mkdir(parents=True)
     try:
@@ -375,9 +370,8 @@ def verify(folder, progress: bool = True, keys_per_partition: int = 5_000_000,
         for item, result in _run(_verify_task, items, progress, "verify", in_process):
             found[item[1]] = result
         faults += [f for i in sorted(found) for f in found[i]]
-        names = [e["name"] for e in entries]
         dup = {}
-        for item, result in _run(_duplicates_task, [(storage.url(scratch), p, names) for p in range(parts)],
+        for item, result in _run(_duplicates_task, [(storage.url(scratch), p) for p in range(parts)],
                                  progress, "verify keys", in_process):
             dup[item[1]] = result
         faults += sorted(f for p in dup.values() for f in p)
@@ -396,6 +390,7 @@ def _remove(folder) -> None:
 
 
 def _ray_running() -> bool:
-    """Whether this process already joined Ray (without importing it: only ray_backend does)."""
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized())
+    """Whether this process already joined Ray (ray_backend answers without importing Ray)."""
+    from pipeline import ray_backend
+
+    return ray_backend.is_initialized()

@@ -131,6 +131,14 @@ def init(address: str | None = None, num_cpus: int | None = None) -> None:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
+def is_initialized() -> bool:
+    """Whether this process has joined Ray (without importing it when it has not)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
 def shutdown() -> None:
     import ray
 

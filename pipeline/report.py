@@ -11,7 +11,6 @@ up small per-shard results; the visuals draw on a sample of shards (``sample_sha
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,8 +32,9 @@ def _records(folder, ids) -> list[dict]:
 def _map(fn, items: list, desc: str, local_below: int = 16):
     """``fn`` over ``items`` as Ray tasks, yielding (item, result); in this process, by the same
     function, when there are few items and this process has not joined Ray."""
-    ray = sys.modules.get("ray")
-    if len(items) < local_below and not (ray is not None and ray.is_initialized()):
+    from pipeline import ray_backend
+
+    if len(items) < local_below and not ray_backend.is_initialized():
         for item in items:
             yield item, fn(item)
         return

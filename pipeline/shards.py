@@ -48,11 +48,12 @@ def digits(folder) -> int:
     img2dataset shards have 8: ``00000000.tar``), else :data:`SHARD_DIGITS`."""
     key = storage.url(folder)
     if key not in _DIGITS:
-        for p in storage.path(folder).glob("*_stats.json"):
-            _DIGITS[key] = len(p.name.split("_")[0])
-            break
-        else:
+        # the shortest name: past 10^digits shards ids take more digits (00001 and 100000 both
+        # in a 5-digit folder), and a listing's order is arbitrary
+        lengths = [len(p.name.split("_")[0]) for p in storage.path(folder).glob("*_stats.json")]
+        if not lengths:
             return SHARD_DIGITS  # nothing there yet: not cached, a later commit names it
+        _DIGITS[key] = min(lengths)
     return _DIGITS[key]
 
 

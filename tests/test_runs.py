@@ -253,3 +253,19 @@ def test_recaption_fingerprint_follows_the_kept_rows_not_the_selection_record(tm
     changed = shard_fingerprint(cfg, prompts, 0)
     assert changed != before and shards.explain_change(before, changed) == \
         "its input selection/00000 (kept rows) changed since"
+
+
+def test_shard_digits_are_the_shortest_name_in_a_folder(tmp_path):
+    """Past 10^5 shards a 5-digit folder holds 00001 and 100000: its digits are 5 whatever order
+    the listing gives, and an 8-digit (DataComp) folder reads as 8."""
+    from pipeline import shards
+
+    five, eight = tmp_path / "five", tmp_path / "eight"
+    five.mkdir()
+    eight.mkdir()
+    for name in ("100000", "100001", "100002", "00001"):  # the long names first, as a listing may give them
+        (five / f"{name}_stats.json").write_text("{}")
+    (eight / "00000003_stats.json").write_text("{}")
+    assert shards.digits(five) == 5 and shards.shard_file(five, 1, ".parquet").name == "00001.parquet"
+    assert shards.shard_file(five, 100001, ".parquet").name == "100001.parquet"
+    assert shards.digits(eight) == 8 and shards.stats_path(eight, 3).exists()
