@@ -262,11 +262,7 @@ def plan_fingerprint(cfg) -> dict:
 
 def declare_digits(cfg) -> None:
     """Name raw/'s shards with ``download.shard_digits`` digits from the first commit on."""
-    setter = getattr(shards, "set_digits", None)
-    if setter is not None:
-        setter(cfg.raw_dir, cfg.download.shard_digits)
-    else:
-        shards._DIGITS[storage.url(cfg.raw_dir)] = cfg.download.shard_digits
+    shards.set_digits(cfg.raw_dir, cfg.download.shard_digits)
 
 
 # -- what made raw/: settings and input -----------------------------------------------------
