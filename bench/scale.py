@@ -16,7 +16,9 @@ the URL list, dedup, select (a threshold rule and a ``top N%`` rule), the build 
 the report (funnels and lineage). The driver's peak is ``VmHWM`` after the step; the Ray
 workers' peak (the largest single worker) is sampled beside it. Prints each step's time and
 peak driver memory at both sizes, the ratios, and on its last line the ratio of the peak
-driver memory over all steps, large to small. Goals (issue 12): that ratio <= 1.25, each
+driver memory over all steps, large to small. ``--repeats`` runs (3 by default) of every step
+at both sizes, the sizes' order alternating, give each time as a median with its range, and
+the time ratio as the ratio of the medians. Goals (issue 12): that ratio <= 1.25, each
 step's time ratio <= 10.
 
     python bench/scale.py                                   # 500,000 and 4,000,000 rows
@@ -470,6 +472,23 @@ def mib(b: int) -> str:
     return f"{b / 2**20:,.0f}"
 
 
+def _merged(results: list[dict]) -> dict:
+    """One step at one size over the repeats: the median time, every time, the highest peaks."""
+    import statistics
+
+    out = dict(results[-1])
+    out["all_seconds"] = [r["seconds"] for r in results]
+    out["seconds"] = statistics.median(out["all_seconds"])
+    top = max(results, key=lambda r: r["driver_peak"])
+    out["driver_peak"], out["driver_base"] = top["driver_peak"], top["driver_base"]
+    out["workers_peak"] = max(r["workers_peak"] for r in results)
+    return out
+
+
+def _spread(r: dict) -> str:
+    return f"{r['seconds']:.2f} ({min(r['all_seconds']):.2f}-{max(r['all_seconds']):.2f})"
+
+
 def summarize(sizes: list[int], runs: dict[int, dict], gens: dict[int, dict], args) -> dict:
     from _common import git_commit
 
@@ -483,28 +502,32 @@ def summarize(sizes: list[int], runs: dict[int, dict], gens: dict[int, dict], ar
           "that); largest Ray worker = the highest RSS of one worker process during the step")
     for n in sizes:
         p = gens[n]["planted"]
-        found = runs[n].get("dedup", {}).get("found", {})
+        found = runs[n].get("dedup", [{}])[-1].get("found", {})
         print(f"  {n:,} rows: planted {p['exact']} exact, {p['near']} near, {p['semantic']} semantic duplicates, "
               f"{p['failed']} failed downloads; dedup marked {sum(found.values())} ({found})")
+    print(f"\ntimes: median (min-max) over {args.repeats} repeats, sizes alternating; the time ratio is of the "
+          "medians, its range the ratios of the repeats paired in order; peaks are the highest over the repeats")
     print(f"\n| step | s, {small:,} | s, {large:,} | time ratio (goal <= 10) | driver peak MiB, {small:,} | "
           f"driver peak MiB, {large:,} | memory ratio | growth MiB, small / large | "
           "largest Ray worker MiB, small / large |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     figures = {"commit": git_commit(), "command": f"python {shlex.join(sys.argv)}", "sizes": sizes, "steps": {},
-               "generated": gens}
+               "generated": gens, "repeats": args.repeats}
     for step in runs[small]:
-        a, b = runs[small][step], runs[large][step]
+        a, b = _merged(runs[small][step]), _merged(runs[large][step])
         t, m = b["seconds"] / a["seconds"], b["driver_peak"] / a["driver_peak"]
-        figures["steps"][step] = {"small": a, "large": b, "time_ratio": t, "memory_ratio": m}
-        print(f"| {step} | {a['seconds']:.2f} | {b['seconds']:.2f} | {t:.2f}{'' if t <= 10 else ' (over)'} | "
+        pairs = [y / x for x, y in zip(a["all_seconds"], b["all_seconds"])]
+        figures["steps"][step] = {"small": a, "large": b, "time_ratio": t, "time_ratios": pairs, "memory_ratio": m}
+        print(f"| {step} | {_spread(a)} | {_spread(b)} | {t:.2f} ({min(pairs):.2f}-{max(pairs):.2f})"
+              f"{'' if t <= 10 else ' (over)'} | "
               f"{mib(a['driver_peak'])} ({mib(a['driver_base'])}) | {mib(b['driver_peak'])} ({mib(b['driver_base'])}) "
               f"| {m:.2f} | {mib(a['driver_peak'] - a['driver_base'])} / {mib(b['driver_peak'] - b['driver_base'])} "
               f"| {mib(a['workers_peak'])} / {mib(b['workers_peak'])} |")
     for step, (what, *_) in STEPS.items():
         if step in runs[small]:
-            result = {k: v for k, v in runs[large][step]["result"].items() if k not in ("fingerprint", "rules")}
+            result = {k: v for k, v in runs[large][step][-1]["result"].items() if k not in ("fingerprint", "rules")}
             print(f"  {step}: {what}; at {large:,} rows: {json.dumps(result, default=str)[:400]}")
-    peaks = {n: max(r["driver_peak"] for r in runs[n].values()) for n in sizes}
+    peaks = {n: max(r["driver_peak"] for rs in runs[n].values() for r in rs) for n in sizes}
     ratio = peaks[large] / peaks[small]
     worst = max(figures["steps"], key=lambda s: figures["steps"][s]["memory_ratio"])
     figures |= {"driver_peak": peaks, "memory_ratio": ratio, "worst_step": worst,
@@ -529,6 +552,7 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS))
     parser.add_argument("--work", help="folder for the generated data (kept and reused; default: a fresh temp folder)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every step at each size (median and spread)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--warm", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -547,18 +571,21 @@ def main(argv=None) -> dict | None:
     if unknown:
         parser.error(f"unknown steps {sorted(unknown)}; known: {', '.join(STEPS)}")
     sizes = [args.small, args.small * args.factor]
-    runs, gens = {}, {}
+    runs, gens = {n: {} for n in sizes}, {}
     warm = root / "warm-up"
     generate(warm, WARM_ROWS, WARM_PER_SHARD, args.dim, args.seed, args.cpus)
     for n in sizes:
         work = root / f"rows-{n}"
         gens[n] = generate(work, n, args.per_shard, args.dim, args.seed, args.cpus)
         print(f"{n:,} rows: {gens[n]['shards']} shards in {work} (generated in {gens[n]['seconds']:.0f} s)", flush=True)
-        runs[n] = {}
-        for step in steps:
-            runs[n][step] = r = run_step(step, work, warm, args.per_shard, args.cpus)
-            print(f"  {step:<10} {r['seconds']:8.2f} s  driver peak {mib(r['driver_peak']):>7} MiB "
-                  f"(before {mib(r['driver_base'])})  largest Ray worker {mib(r['workers_peak'])} MiB", flush=True)
+    for rep in range(args.repeats):  # the sizes' order alternates from repeat to repeat
+        for n in sizes if rep % 2 == 0 else sizes[::-1]:
+            print(f"repeat {rep + 1}/{args.repeats}, {n:,} rows", flush=True)
+            for step in steps:
+                r = run_step(step, root / f"rows-{n}", warm, args.per_shard, args.cpus)
+                runs[n].setdefault(step, []).append(r)
+                print(f"  {step:<10} {r['seconds']:8.2f} s  driver peak {mib(r['driver_peak']):>7} MiB "
+                      f"(before {mib(r['driver_base'])})  largest Ray worker {mib(r['workers_peak'])} MiB", flush=True)
     if violations(guard):
         print(f"non-loopback connection attempts refused by the guard: {violations(guard)}")
     return summarize(sizes, runs, gens, args)

@@ -49,6 +49,8 @@ SUMMARY = "_summary.json"
 SPEED_ONLY = ("partition_rows",)  # settings that change how the work is cut, not its result
 COLUMNS = ("key", "score_error", "sha256", "phash", "phash_mirror", "clip_score", "min_side")
 KINDS = tuple(dd.KIND_RANK)
+FLAT_K = 64  # up to this many clusters, one flat k-means; past it, two levels (sqrt(k) coarse)
+MERGE_SHARDS = 32  # score shards per merge task (and per group result file)
 
 
 def out_dir(cfg: RunConfig):
@@ -189,9 +191,53 @@ def _scan(job: dict, sid: int) -> dict:
     return out
 
 
+def apportion(k: int, sizes: np.ndarray) -> np.ndarray:
+    """Split ``k`` centroids over groups of ``sizes`` points in proportion (largest remainder),
+    at least one and at most its size for every non-empty group."""
+    sizes = np.asarray(sizes, np.int64)
+    quota = k * sizes / max(1, sizes.sum())
+    out = np.minimum(np.maximum(np.floor(quota).astype(np.int64), sizes > 0), sizes)
+    order = np.argsort(-(quota - np.floor(quota)), kind="stable")
+    while out.sum() < k and (out < sizes).any():
+        for i in order:
+            if out.sum() >= k:
+                break
+            if out[i] < sizes[i]:
+                out[i] += 1
+    for i in np.argsort(-out, kind="stable"):  # past k only by the one-per-group floor
+        while out.sum() > k and out[i] > 1:
+            out[i] -= 1
+    return out
+
+
+def _kmeans(x: np.ndarray, k: int, job: dict, gpu: bool) -> np.ndarray:
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=job["iterations"], seed=1, spherical=True, gpu=gpu,
+                      min_points_per_centroid=1, max_points_per_centroid=len(x), verbose=False)
+    km.train(x)
+    return km.centroids
+
+
+def _mean(x: np.ndarray) -> np.ndarray:
+    m = x.mean(axis=0, keepdims=True)
+    return m / max(float(np.linalg.norm(m)), 1e-12)
+
+
+def _nearest(x: np.ndarray, centroids: np.ndarray, block: int = 8192) -> np.ndarray:
+    out = np.empty(len(x), np.int64)
+    for s in range(0, len(x), block):
+        out[s:s + block] = np.argmax(x[s:s + block] @ centroids.T, axis=1)
+    return out
+
+
 def _fit(job: dict, _item) -> dict:
-    """k-means on the sample the scan tasks wrote (at most ``max_sample`` of it), on a GPU
-    when faiss sees one; the centroids go to ``_work/centroids.npy``."""
+    """Two-level spherical k-means on the sample the scan tasks wrote (at most ``max_sample``
+    of it), on a GPU when faiss sees one: ceil(sqrt(k)) coarse centroids, then each coarse
+    cluster's share of the k fine ones fitted on its own points. Fitting and assigning then
+    cost O(N sqrt(k)) rather than O(N k), which at a fixed cluster size would be O(N^2).
+    The centroids go to ``_work/centroids.npz`` (coarse, fine, and where each coarse
+    centroid's fine ones start)."""
     import os
 
     import faiss
@@ -205,40 +251,48 @@ def _fit(job: dict, _item) -> dict:
     x = np.concatenate(parts).astype(np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     k, gpu = min(job["k"], len(x)), faiss.get_num_gpus() > 0
-    km = faiss.Kmeans(x.shape[1], k, niter=job["iterations"], seed=1, spherical=True, gpu=gpu,
-                      min_points_per_centroid=1, max_points_per_centroid=len(x), verbose=False)
-    km.train(x)
-    with (storage.path(job["work"]) / "centroids.npy").open("wb") as f:
-        np.save(f, km.centroids)
-    return {"k": k, "sample": len(x), "gpu": gpu}
+    k1 = math.ceil(math.sqrt(k)) if k > job["flat_k"] else 1
+    coarse = _kmeans(x, k1, job, gpu) if k1 > 1 else x[:1] * 0
+    near = _nearest(x, coarse) if k1 > 1 else np.zeros(len(x), np.int64)
+    share = apportion(k, np.bincount(near, minlength=len(coarse)))
+    keep = np.flatnonzero(share)  # a coarse centroid that drew no sample point has no fine ones
+    coarse, share = coarse[keep], share[keep]
+    near = np.searchsorted(keep, near)
+    fine = [_kmeans(x[near == c], int(n), job, gpu) if n > 1 else _mean(x[near == c])
+            for c, n in enumerate(share)]
+    start = np.r_[0, np.cumsum(share)].astype(np.int64)
+    with (storage.path(job["work"]) / "centroids.npz").open("wb") as f:
+        np.savez(f, coarse=coarse, fine=np.concatenate(fine).astype(np.float32), start=start)
+    return {"k": int(start[-1]), "coarse": k1, "sample": len(x), "gpu": gpu}
 
 
 def _assign(job: dict, sid: int) -> None:
-    import faiss
-
-    faiss.omp_set_num_threads(1)  # one CPU per task
     name = shards.shard_name(sid, job["digits"])
     t, base = _rows(job, sid, ["key", "score_error", "clip_score", "min_side", "clip_embedding"])
     ok = pc.is_valid(t["clip_embedding"])
     emb, base = t["clip_embedding"].filter(ok), base.filter(ok)
     if not len(emb):  # a shard with no embedded row (every download failed, say): no records
         return
-    with (storage.path(job["work"]) / "centroids.npy").open("rb") as f:
-        centroids = np.load(f)
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(centroids)
+    with (storage.path(job["work"]) / "centroids.npz").open("rb") as f:
+        saved = np.load(f)
+        coarse, fine, start = saved["coarse"], saved["fine"], saved["start"]
     x = dd.embeddings(emb).astype(np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    cluster = index.search(x, 1)[1][:, 0] if len(x) else np.zeros(0, np.int64)
+    near = _nearest(x, coarse) if len(coarse) > 1 else np.zeros(len(x), np.int64)
+    cluster = np.empty(len(x), np.int64)
+    for c in np.unique(near):
+        rows = np.flatnonzero(near == c)
+        cluster[rows] = start[c] + _nearest(x[rows], fine[start[c]:start[c + 1]])
     records = base.append_column("cluster", pa.array(cluster, pa.int64())).append_column("emb", emb)
     part = cluster.astype(np.uint64) % np.uint64(job["partitions"]["semantic"])
     _write_parts(job, "semantic", name, records, part)
 
 
 def _group(job: dict, item: tuple[str, int]) -> dict:
-    """The duplicates among one partition's records, written per score shard to
-    ``_work/out/NAME/KIND-pNNNNN.parquet`` (key, duplicate_of, kind, and the rank of the row
-    it duplicates, so the merge picks the best-ranked over all partitions)."""
+    """The duplicates among one partition's records, written per bucket of score shards to
+    ``_work/out/bNNNNN/KIND-pNNNNN.parquet`` (sid, key, duplicate_of, kind, and the rank of
+    the row it duplicates, so the merge picks the best-ranked over all partitions). Buckets
+    of ``merge_shards`` shards keep the file count at partitions x shards / merge_shards."""
     import faiss
 
     faiss.omp_set_num_threads(1)  # one CPU per task
@@ -257,40 +311,44 @@ def _group(job: dict, item: tuple[str, int]) -> dict:
     rows = records.select(["key", "sid", "clip", "side"]).take(np.flatnonzero(np.r_[True, row[1:] != row[:-1]]))
     dup = np.flatnonzero(best >= 0)
     found, of = rows.take(dup), rows.take(best[dup])
-    result = pa.table({"key": found["key"], "duplicate_of": of["key"],
+    result = pa.table({"sid": found["sid"], "key": found["key"], "duplicate_of": of["key"],
                        "kind_rank": pa.repeat(pa.scalar(dd.KIND_RANK[kind], pa.int8()), len(dup)),
                        "of_clip": of["clip"], "of_side": of["side"]})
-    sids = found["sid"].to_numpy()
-    for sid in np.unique(sids):
-        name = shards.shard_name(int(sid), job["digits"])
-        dest = storage.path(job["work"]) / "out" / name
+    bucket = found["sid"].to_numpy() // job["merge_shards"]
+    for b in np.unique(bucket):
+        dest = storage.path(job["work"]) / "out" / f"b{int(b):05d}"
         _mkdir(dest)
-        storage.write_parquet(dest / f"{kind}-p{part:05d}.parquet", result.filter(pa.array(sids == sid)))
+        storage.write_parquet(dest / f"{kind}-p{part:05d}.parquet", result.filter(pa.array(bucket == b)))
     return {"kind": kind, "records": records.num_rows, "rows": rows.num_rows, "duplicates": len(dup)}
 
 
-def _merge(job: dict, sid: int) -> dict:
-    """``scores/_dedup/NAME.parquet``: every key of the score shard with the best result found
-    for it (strongest kind, then the best-ranked row it duplicates), written atomically."""
-    name = shards.shard_name(sid, job["digits"])
-    keys = storage.read_parquet(shards.shard_file(job["scores"], sid, ".parquet"), columns=["key"])["key"]
-    folder = storage.path(job["work"]) / "out" / name
+def _merge(job: dict, sids: tuple[int, ...]) -> dict:
+    """``scores/_dedup/NAME.parquet`` for each score shard of one bucket: every key of the
+    shard with the best result found for it (strongest kind, then the best-ranked row it
+    duplicates), written atomically."""
+    folder = storage.path(job["work"]) / "out" / f"b{sids[0] // job['merge_shards']:05d}"
     found = [storage.read_parquet(p) for p in sorted(folder.glob("*.parquet"))] if folder.exists() else []
-    of, kind = pa.nulls(len(keys), pa.string()), pa.nulls(len(keys), pa.string())
-    counts = {}
-    if found:
-        r = pa.concat_tables(found)
-        r = r.take(pc.sort_indices(r, sort_keys=[("key", "ascending"), ("kind_rank", "ascending"),
-                                                 ("of_clip", "descending"), ("of_side", "descending"),
-                                                 ("duplicate_of", "ascending")]))
-        k = r["key"].to_numpy(zero_copy_only=False)
-        r = r.take(np.flatnonzero(np.r_[True, k[1:] != k[:-1]]))  # the first, best, result per key
-        at = pc.index_in(keys, value_set=r["key"])
-        of = r["duplicate_of"].take(at)
-        kind = pa.array(KINDS, pa.string()).take(r["kind_rank"].cast(pa.int32()).take(at))
-        counts = {KINDS[i]: int(n) for i, n in enumerate(np.bincount(r["kind_rank"].to_numpy(), minlength=3)) if n}
-    table = pa.table({"key": keys, "duplicate_of": of, "duplicate_kind": kind}, schema=dd.SCHEMA)
-    shards.atomic_write_parquet(storage.path(job["out"]) / f"{name}.parquet", table)
+    everything = pa.concat_tables(found) if found else None
+    counts: dict[str, int] = {}
+    for sid in sids:
+        name = shards.shard_name(sid, job["digits"])
+        keys = storage.read_parquet(shards.shard_file(job["scores"], sid, ".parquet"), columns=["key"])["key"]
+        of, kind = pa.nulls(len(keys), pa.string()), pa.nulls(len(keys), pa.string())
+        r = everything.filter(pc.equal(everything["sid"], sid)) if everything is not None else None
+        if r is not None and r.num_rows:
+            r = r.take(pc.sort_indices(r, sort_keys=[("key", "ascending"), ("kind_rank", "ascending"),
+                                                     ("of_clip", "descending"), ("of_side", "descending"),
+                                                     ("duplicate_of", "ascending")]))
+            k = r["key"].to_numpy(zero_copy_only=False)
+            r = r.take(np.flatnonzero(np.r_[True, k[1:] != k[:-1]]))  # the first, best, result per key
+            at = pc.index_in(keys, value_set=r["key"])
+            of = r["duplicate_of"].take(at)
+            kind = pa.array(KINDS, pa.string()).take(r["kind_rank"].cast(pa.int32()).take(at))
+            for i, n in enumerate(np.bincount(r["kind_rank"].to_numpy(), minlength=3)):
+                if n:
+                    counts[KINDS[i]] = counts.get(KINDS[i], 0) + int(n)
+        table = pa.table({"key": keys, "duplicate_of": of, "duplicate_kind": kind}, schema=dd.SCHEMA)
+        shards.atomic_write_parquet(storage.path(job["out"]) / f"{name}.parquet", table)
     return counts
 
 
@@ -324,6 +382,7 @@ def _job(cfg: RunConfig, counts: dict[int, int]) -> dict:
         "partitions": {k: max(1, math.ceil(n / d.partition_rows)) for k, n in records.items()},
         "max_distance": d.near_max_distance, "threshold": d.semantic_threshold, "iterations": d.kmeans_iterations,
         "sample_fraction": min(1.0, d.kmeans_points_per_centroid / d.cluster_size),
+        "flat_k": FLAT_K, "merge_shards": MERGE_SHARDS,
     }
 
 
@@ -358,7 +417,11 @@ def run(cfg: RunConfig) -> dict:
     todo = [(k, p) for k in KINDS if done[k] for p in range(job["partitions"][k])]  # empty ones return at once
     grouped = _tasks(functools.partial(_group, job), todo, "dedup: group", unit="partition")
     counts_by_kind: dict[str, int] = {}
-    for c in _tasks(functools.partial(_merge, job), ids, "dedup: merge"):
+    buckets: dict[int, list[int]] = {}
+    for sid in ids:
+        buckets.setdefault(sid // job["merge_shards"], []).append(sid)
+    merges = [tuple(b) for b in buckets.values()]
+    for c in _tasks(functools.partial(_merge, job), merges, "dedup: merge", unit="bucket"):
         for k, n in c.items():
             counts_by_kind[k] = counts_by_kind.get(k, 0) + n
     for p in out.glob("*.parquet"):  # files of score shards that no longer exist

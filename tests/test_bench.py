@@ -125,7 +125,7 @@ def test_scale_bench_measures_each_step_in_its_own_process_and_ends_on_the_memor
     out = tmp_path / "figures.json"
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--small", "600", "--factor", "2",
-                           "--per-shard", "200", "--steps", "dedup,select", "--work", str(tmp_path / "w"),
+                           "--per-shard", "200", "--steps", "dedup,select", "--repeats", "2", "--work", str(tmp_path / "w"),
                            "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(out.read_text())
@@ -133,6 +133,7 @@ def test_scale_bench_measures_each_step_in_its_own_process_and_ends_on_the_memor
     for step in figures["steps"].values():
         for run in (step["small"], step["large"]):
             assert run["seconds"] > 0 and run["driver_peak"] >= run["driver_base"] > 0
+            assert len(run["all_seconds"]) == 2 and min(run["all_seconds"]) <= run["seconds"] <= max(run["all_seconds"])
         assert step["time_ratio"] == pytest.approx(step["large"]["seconds"] / step["small"]["seconds"])
     pids = {step[size]["pid"] for step in figures["steps"].values() for size in ("small", "large")}
     assert len(pids) == 4 and os.getpid() not in pids  # a fresh process for every step at every size

@@ -10,6 +10,7 @@ embedding next to the original's) among 100 distinct synthetic scenes and five p
 import hashlib
 import io
 import json
+import math
 import random
 
 import numpy as np
@@ -203,8 +204,19 @@ def _check(cfg, keys, planted, result):
     return got
 
 
-def test_dedup_finds_planted_duplicates_in_partitions(local_ray, world, tmp_path):
+@pytest.mark.parametrize("k,sizes,want", [(10, [50, 30, 20], [5, 3, 2]), (7, [5, 1, 0, 1], [5, 1, 0, 1]),
+                                           (3, [9, 9, 9, 9], [1, 1, 1, 1]), (12, [6, 3, 3], [6, 3, 3])])
+def test_apportion_splits_centroids_in_proportion_within_each_groups_points(k, sizes, want):
+    got = dedup.apportion(k, np.array(sizes))
+    assert got.tolist() == want  # at least one per non-empty group, never more than its points
+
+
+@pytest.mark.parametrize("levels", ["flat", "two-level"])
+def test_dedup_finds_planted_duplicates_in_partitions(local_ray, world, tmp_path, monkeypatch, levels):
     rows, planted = world
+    if levels == "two-level":  # k-means as at scale (sqrt(k) coarse centroids), and merges over buckets of shards
+        monkeypatch.setattr(dedup, "FLAT_K", 2)
+        monkeypatch.setattr(dedup, "MERGE_SHARDS", 3)
     cfg = _config(tmp_path / "run")
     keys = _write_scores(cfg.scores_dir, rows)
     assert dedup.staleness(cfg) == "it is missing"
@@ -217,7 +229,8 @@ def test_dedup_finds_planted_duplicates_in_partitions(local_ray, world, tmp_path
     total = result["rows"]
     for kind, p in result["partitions"].items():
         assert p["count"] > 1 and p["largest"] < (total * 18 if kind == "near" else total), (kind, p)
-    assert result["kmeans"]["k"] == -(-total // 16)
+    assert result["kmeans"]["k"] == -(-total // 16) and result["shards"] == 4
+    assert result["kmeans"]["coarse"] == (1 if levels == "flat" else math.ceil(math.sqrt(result["kmeans"]["k"])))
     assert not (cfg.scores_dir / "_dedup" / "_work").exists()  # partition files removed
 
 
