@@ -181,25 +181,32 @@ TINY_CLIP = {
 }
 
 
-def save_local_clip(folder, model_cfg: dict | None = None, seed: int = 0) -> str:
-    """Build an open_clip model from a config (random weights, seeded), save it as an
-    open_clip ``local-dir:`` folder and return that identifier. The demo and the tests
-    load it through ``load_clip``, the same path as a pretrained model."""
+def write_local_clip(folder, model_cfg: dict, state_dict: dict) -> str:
+    """Write an open_clip ``local-dir:`` folder (``open_clip_config.json`` and
+    ``open_clip_model.safetensors``) and return its identifier for :func:`load_clip`."""
     import json
     from pathlib import Path
 
     import open_clip
-    import torch
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = model_cfg or TINY_CLIP
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**cfg)
     (folder / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": cfg,
+        "model_cfg": model_cfg,
         "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)},
     }, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / "open_clip_model.safetensors"))
     return f"local-dir:{folder.resolve()}"
+
+
+def save_local_clip(folder, model_cfg: dict | None = None, seed: int = 0) -> str:
+    """Build an open_clip model from a config (random weights, seeded), save it as an
+    open_clip ``local-dir:`` folder and return that identifier. The demo and the tests
+    load it through ``load_clip``, the same path as a pretrained model."""
+    import open_clip
+    import torch
+
+    cfg = model_cfg or TINY_CLIP
+    torch.manual_seed(seed)
+    return write_local_clip(folder, cfg, open_clip.CLIP(**cfg).state_dict())

@@ -270,6 +270,17 @@ def cmd_demo(args) -> int:
                 values=values)
 
 
+def cmd_world_models(args) -> int:
+    from training.world import build
+
+    only = [x.strip() for x in args.only.split(",")] if args.only else None
+    index = build(Path(args.output), rows=args.rows, clip_epochs=args.clip_epochs, only=only, seed=args.seed,
+                  captioner_images=args.captioner_images, captioner_epochs=args.captioner_epochs)
+    print(json.dumps(index, indent=2))
+    print(f"written: {Path(args.output) / 'world-models.json'}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from pipeline.config import reference
 
@@ -368,6 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=300, help="rows in the synthetic web")
     _common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("world-models", help="train the synthetic world's models with Tapir's own tools: a CLIP "
+                       "(open_clip_train on shards Tapir downloads), a captioner fine-tuned on a few hundred "
+                       "detailed captions, and the attribute classifier")
+    p.add_argument("--output", default="models/world", help="folder (default models/world, the committed ones)")
+    p.add_argument("--rows", type=int, default=20000, help="clean synthetic pairs the CLIP trains on")
+    p.add_argument("--clip-epochs", type=int, default=12, help="open_clip_train epochs")
+    p.add_argument("--only", help="comma-separated subset of: clip, captioner, attributes (the captioner needs "
+                   "the CLIP)")
+    p.add_argument("--captioner-images", type=int, default=400, help="images with ground-truth captions the "
+                   "captioner is fine-tuned on")
+    p.add_argument("--captioner-epochs", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_world_models, verbose=False)
 
     p = sub.add_parser("config", help="validate a config and print it resolved, or print the reference")
     p.add_argument("config", nargs="?")

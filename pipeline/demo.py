@@ -56,6 +56,7 @@ def _demo(output: Path, rows: int, config: Path | None, overrides: list[str], va
     from training.ar import train_ar
     from training.autoencoder import train_autoencoder
     from training.diffusion import train_diffusion
+    from training.world import models as world_models
 
     web = output / "web"
     web.mkdir(parents=True)
@@ -64,11 +65,19 @@ def _demo(output: Path, rows: int, config: Path | None, overrides: list[str], va
     with WebServer(world) as server:
         urls = world.write_url_list(str(web / "urls.parquet"), server.base_url)
         log.info("serving it on %s", server.base_url)
-        # no CLIP trained for the synthetic world yet: a tiny one built from a config, saved
-        # locally and loaded through the same loader as a pretrained model
-        clip = save_local_clip(output / "models" / "tiny-clip")
-        captioner = save_tiny_chat_vlm(output / "models" / "tiny-chat")  # likewise a tiny chat VLM
-        text = save_tiny_text_encoder(output / "models" / "tiny-t5")  # and a tiny T5 text encoder
+        # the world's CLIP and captioner, trained by Tapir's own tools (`tapir world-models`) and
+        # committed under models/world, load through the same loaders as pretrained ones; where
+        # they are missing (a checkout without them), tiny random ones built from configs stand in
+        try:
+            found = world_models()
+            clip, captioner = found["clip"], found["captioner"]
+            log.info("world models: CLIP %s, captioner %s", clip, captioner)
+        except (FileNotFoundError, KeyError) as e:
+            log.warning("%s; the demo uses a tiny CLIP and captioner with random weights", e)
+            clip = save_local_clip(output / "models" / "tiny-clip")
+            captioner = save_tiny_chat_vlm(output / "models" / "tiny-chat")
+            values = {"score.dedup.semantic": False, **values}  # random embeddings all look alike
+        text = save_tiny_text_encoder(output / "models" / "tiny-t5")  # a tiny T5 text encoder
         # no autoencoder exists for this world either: the demo trains its own (VQ and KL), and the
         # build stage encodes with them
         vq_dir, kl_dir = output / "runs" / "autoencoder-vq", output / "runs" / "autoencoder-kl"

@@ -2,8 +2,10 @@
 
 ``build_world(n, seed)`` draws procedural scenes (objects with shape, colour, size,
 position and count on varied backgrounds), each with a ground-truth descriptive
-caption, and mixes in the noise of the real web: junk alt-texts, tiny images, extreme
-aspect ratios, exact and near duplicates, and failing URLs of every kind. Every row
+caption, and mixes in the noise of the real web: junk alt-texts (filenames, SEO lists,
+other images' captions), near misses (one attribute of one object swapped: colour, shape,
+count or position), captions of only part of the scene, tiny images, extreme aspect
+ratios, exact and near duplicates, and failing URLs of every kind. Every row
 carries its intended ``fate`` (the ``error_reason`` the download stage must record)
 so tests can assert it. ``WebServer`` serves a world on loopback.
 """
@@ -48,6 +50,7 @@ KINDS = [
     ("corrupt_jpeg", "decode_error", 2), ("bomb", "too_many_pixels", 2), ("redirect_loop", "redirect_loop", 1),
     ("redirect_private", "refused_address", 1), ("noai", "opt_out", 2), ("oversized", "too_many_bytes", 1),
     ("drop_connection", "connection_error", 1),
+    ("alt_near_miss", "success", 6), ("alt_partial", "success", 4),
 ]
 
 
@@ -56,14 +59,34 @@ class Scene:
     objects: list  # (count, size, colour, shape, position)
     background: str
 
-    def caption(self) -> str:
+    def caption(self, background: bool = True) -> str:
         parts = []
         for count, size, colour, shape, pos in self.objects:
             noun = shape + ("s" if count > 1 else "")
             article = NUMBERS[count] if count > 1 else ("an" if size[0] in "aeiou" else "a")
             parts.append(f"{article} {size} {colour} {noun} at the {pos}")
         body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-        return f"{body[0].upper()}{body[1:]}, on a {self.background} background."
+        return f"{body[0].upper()}{body[1:]}" + (f", on a {self.background} background." if background else ".")
+
+
+def near_miss(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
+    """The scene with one attribute of one object group swapped (colour, shape, count or
+    position): the caption a near-miss alt-text describes, and what was swapped."""
+    objects = [list(o) for o in scene.objects]
+    o = rng.randrange(len(objects))
+    what = rng.choice(["colour", "shape", "count", "position"])
+    slot = {"count": 0, "colour": 2, "shape": 3, "position": 4}[what]
+    pool = {"count": [1, 2, 3], "colour": list(COLOURS), "shape": list(SHAPES),
+            "position": [p for p in POSITIONS if p not in {x[4] for x in objects}]}[what]
+    objects[o][slot] = rng.choice([v for v in pool if v != objects[o][slot]])
+    return Scene([tuple(x) for x in objects], scene.background), what
+
+
+def partial(scene: Scene, rng: random.Random) -> Scene:
+    """Part of the scene: one object group of several, or (for one group) no background."""
+    if len(scene.objects) > 1:
+        return Scene([rng.choice(scene.objects)], scene.background)
+    return scene
 
 
 def random_scene(rng: random.Random) -> Scene:
@@ -192,7 +215,12 @@ def write_table(table: pa.Table, path: str) -> None:
         raise ValueError(f"unknown URL list extension: {path}")
 
 
-def _junk_alt(kind: str, rng: random.Random, caption: str, other: str) -> str:
+def _junk_alt(kind: str, rng: random.Random, caption: str, other: str, scene: Scene | None = None) -> str:
+    if kind == "alt_near_miss":
+        return near_miss(scene, rng)[0].caption()
+    if kind == "alt_partial":
+        part = partial(scene, rng)
+        return part.caption(background=len(scene.objects) > 1 and rng.random() < 0.5)
     if kind == "alt_filename":
         return f"IMG_{rng.randint(1000, 9999)}.jpg"
     if kind == "alt_seo":
@@ -245,7 +273,7 @@ def build_world(n: int, seed: int = 0, size: tuple[int, int] = (256, 256), noisy
         if kind == "clean":
             originals.append(i)
         other = scenes[(i + 7) % n].caption()
-        alt = _junk_alt(kind, rng, caption, other)
+        alt = _junk_alt(kind, rng, caption, other, scene)
         _apply_failure(kind, res, path, resources)
         resources[path] = res
         if kind == "redirect_private":
