@@ -384,13 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "(open_clip_train on shards Tapir downloads), a captioner fine-tuned on a few hundred "
                        "detailed captions, and the attribute classifier")
     p.add_argument("--output", default="models/world", help="folder (default models/world, the committed ones)")
-    p.add_argument("--rows", type=int, default=20000, help="clean synthetic pairs the CLIP trains on")
+    p.add_argument("--rows", type=int, default=20000, help="synthetic pairs the CLIP trains on (clean) and the "
+                   "captioner first learns alt-texts from (a noisy web)")
     p.add_argument("--clip-epochs", type=int, default=12, help="open_clip_train epochs")
     p.add_argument("--only", help="comma-separated subset of: clip, captioner, attributes (the captioner needs "
                    "the CLIP)")
     p.add_argument("--captioner-images", type=int, default=400, help="images with ground-truth captions the "
                    "captioner is fine-tuned on")
-    p.add_argument("--captioner-epochs", type=int, default=40)
+    p.add_argument("--captioner-epochs", type=int, default=20, help="epochs over those images")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_world_models, verbose=False)
 

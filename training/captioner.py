@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import random
+import re
 import time
 from pathlib import Path
 
@@ -103,13 +104,16 @@ def create(clip: str, seed: int = 0, layers: int = 3, width: int = 128):
 
     folder = Path(clip.removeprefix("local-dir:"))
     vision = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    from tokenizers import decoders
+
     tokenizer = chat_tokenizer()
-    tokenizer.clean_up_tokenization_spaces = True  # "at the top , on" decodes as "at the top, on"
+    # words joined by spaces, none before punctuation ("at the top, on"); saved in tokenizer.json
+    tokenizer.backend_tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     vocab = tokenizer.get_vocab()
     size, patch, vw = vision["image_size"], vision["patch_size"], vision["width"]
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="full",
         num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
     config = LlavaConfig(
         vision_config={"model_type": "clip_vision_model", "hidden_size": vw, "intermediate_size": 4 * vw,
@@ -119,7 +123,7 @@ def create(clip: str, seed: int = 0, layers: int = 3, width: int = 128):
                      "intermediate_size": 3 * width, "num_hidden_layers": layers, "num_attention_heads": 4,
                      "num_key_value_heads": 4, "max_position_embeddings": 512, "bos_token_id": vocab["<|user|>"],
                      "eos_token_id": vocab["<|end|>"], "pad_token_id": vocab["<pad>"]},
-        image_token_index=vocab["<image>"], vision_feature_layer=-1, vision_feature_select_strategy="default",
+        image_token_index=vocab["<image>"], vision_feature_layer=-1, vision_feature_select_strategy="full",
         projector_hidden_act="gelu")
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -155,56 +159,94 @@ def _batch(processor, items: list[tuple[object, str, str]]):
     return batch
 
 
-def train(clip: str, out: Path, images: int = 400, epochs: int = 40, batch_size: int = 16, lr: float = 1e-3,
-          seed: int = 0) -> str:
-    """Fine-tune the captioner on ``images`` rendered scenes with both caption kinds (the
-    vision tower trains with a tenth of the learning rate); save to ``out``; return its path."""
+def web_pairs(raw: Path, limit: int | None = None) -> list[tuple[object, str]]:
+    """(image, alt-text) of every downloaded sample of Tapir's ``raw/`` shards with a
+    non-empty alt-text, read with webdataset as any trainer reads them."""
+    import webdataset as wds
+    from PIL import Image
+
+    tars = sorted(str(p) for p in Path(raw).glob("[0-9]*.tar"))
+    if not tars:
+        raise FileNotFoundError(f"no shards in {raw}: download them first")
+    pairs = []
+    for sample in wds.WebDataset(tars, shardshuffle=False):
+        alt = sample.get("txt", b"").decode().strip()
+        if alt and "jpg" in sample:
+            pairs.append((Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), alt))
+            if limit and len(pairs) >= limit:
+                break
+    return pairs
+
+
+def _fit(model, processor, data: list, epochs: int, batch_size: int, lr: float, seed: int, desc: str) -> None:
+    """Teacher-forced training of everything but the vision tower (frozen: the CLIP's image
+    encoder, as in LLaVA's and DALL-E 3's captioners) with AdamW and a one-cycle schedule."""
     from tqdm import tqdm
 
-    from recaption.prompts import load_prompt
-
-    start = time.monotonic()
-    model, processor = create(clip, seed=seed)
-    templates = {load_prompt(p).kind: load_prompt(p).text for p in PROMPTS}
-    data = [(img, templates[kind], text) for scene, img in scenes(images, seed=300 + seed)
-            for kind, text in captions(scene).items()]
-    tower = set(id(p) for p in model.model.vision_tower.parameters())
-    opt = torch.optim.AdamW([
-        {"params": [p for p in model.parameters() if id(p) in tower], "lr": lr / 10},
-        {"params": [p for p in model.parameters() if id(p) not in tower], "lr": lr}], weight_decay=0.01)
+    model.model.vision_tower.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     steps = epochs * (len(data) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr / 10, lr], total_steps=steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     rng = random.Random(seed)
+    data = list(data)
     model.train()
-    bar = tqdm(total=steps, desc="captioner", unit="step")
+    bar = tqdm(total=steps, desc=desc, unit="step")
     for _ in range(epochs):
         rng.shuffle(data)
         for s in range(0, len(data) - batch_size + 1, batch_size):
             loss = model(**_batch(processor, data[s:s + batch_size])).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.eval()
+
+
+def train(clip: str, out: Path, images: int = 400, epochs: int = 20, batch_size: int = 16, lr: float = 1e-3,
+          seed: int = 0, web: Path | None = None, web_epochs: int = 3, web_limit: int | None = None) -> str:
+    """The captioner, DALL-E 3's recipe in miniature: first, when ``web`` (Tapir's ``raw/``
+    shards of a noisy web) is given, trained to write a web image's alt-text, whatever its
+    quality, with an empty prompt (``web_epochs``); then fine-tuned on ``images`` rendered
+    scenes with their two ground-truth captions, each asked for with the recaption stage's
+    template. Saved to ``out``; returns its path."""
+    from recaption.prompts import load_prompt
+
+    start = time.monotonic()
+    model, processor = create(clip, seed=seed)
+    pretrained = 0
+    if web is not None:
+        pairs = web_pairs(web, web_limit)
+        pretrained = len(pairs)
+        log.info("captioner: alt-text stage on %d web pairs of %s", pretrained, web)
+        _fit(model, processor, [(img, "", alt) for img, alt in pairs], web_epochs, batch_size, lr, seed,
+             "captioner: alt-text")
+        del pairs
+    templates = {load_prompt(p).kind: load_prompt(p).text for p in PROMPTS}
+    data = [(img, templates[kind], text) for scene, img in scenes(images, seed=300 + seed)
+            for kind, text in captions(scene).items()]
+    _fit(model, processor, data, epochs, batch_size, lr, seed, "captioner: detailed captions")
     out = Path(out)
     processor.tokenizer.padding_side = "left"
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "trained.json").write_text(json.dumps({
-        "vision_tower": clip, "images": images, "examples": len(data), "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "seed": seed, "prompts": list(PROMPTS), "seconds": round(time.monotonic() - start, 1)}, indent=2))
-    log.info("captioner fine-tuned in %.0f s: %s", time.monotonic() - start, out)
+        "vision_tower": clip, "web": str(web) if web else None, "web_pairs": pretrained, "web_epochs": web_epochs,
+        "images": images, "examples": len(data), "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "seed": seed, "prompts": list(PROMPTS), "seconds": round(time.monotonic() - start, 1)}, indent=2))
+    log.info("captioner trained in %.0f s: %s", time.monotonic() - start, out)
     return str(out.resolve())
 
 
 def held_out_rate(model: str, n: int = 100, seed: int = 7) -> dict:
     """Caption ``n`` held-out images through the recaption stage's own backend and prompts;
     how often the descriptive caption names the right colour and shape of every object group
-    (and the count, position and background), and the short one the colours and shapes."""
+    (and the count, position and background), and the short one the colours and shapes; also
+    per object group, and over the images of one object group."""
     from recaption.backends import TransformersCaptioner
     from recaption.prompts import load_prompt
 
@@ -219,10 +261,19 @@ def held_out_rate(model: str, n: int = 100, seed: int = 7) -> dict:
             part = held[s:s + 16]
             got += [text for text, _, _ in backend.generate([im for _, im in part], [t.text] * len(part),
                                                             [""] * len(part), {})]
-        checks = {"colour and shape": [], "count": [], "position": [], "background": []}
+        checks = {"colour and shape": [], "colour and shape, per object group": [], "colour, per object group": [],
+                  "single object": [],
+                  "count": [], "position": [], "background": []}
         for (scene, _), text in zip(held, got):
             text = " " + " ".join(text.lower().replace(",", " ").replace(".", " ").split()) + " "
-            checks["colour and shape"].append(all(f" {c} {sh}" in text for _, _, c, sh, _ in scene.objects))
+            named = [f" {c} {sh}" in text for _, _, c, sh, _ in scene.objects]
+            coloured = [re.search(rf" {c} (?:circle|square|triangle|star)", text) is not None
+                        for _, _, c, _, _ in scene.objects]
+            checks["colour, per object group"] += coloured
+            checks["colour and shape"].append(all(named))
+            checks["colour and shape, per object group"] += named
+            if len(named) == 1:
+                checks["single object"].append(named[0])
             if t.kind == "descriptive":
                 noun = [(k, f"{sh}s" if k > 1 else sh, sz, c, p) for k, sz, c, sh, p in scene.objects]
                 checks["count"].append(all(f" {NUMBERS[k] if k > 1 else ''} {sz} {c} {n} ".replace("  ", " ")

@@ -58,31 +58,43 @@ def clip_config(tokenizer_dir: Path, model_cfg: dict | None = None) -> dict:
     return cfg
 
 
-def clean_shards(out: Path, rows: int, seed: int = 1, image_size: int = 64, per_shard: int = 1000) -> Path:
-    """Download a clean world of ``rows`` scenes into ``out/raw`` with Tapir's download stage
-    (a loopback server; nothing leaves the machine); return the raw folder. The scene seed
-    differs from the demo's and the experiment's worlds, so their images are held out."""
+def web_shards(out: Path, rows: int, seed: int = 1, image_size: int = 64, per_shard: int = 1000,
+               noisy: bool = False) -> Path:
+    """Download a world of ``rows`` scenes into ``out/raw`` with Tapir's download stage (a
+    loopback server; nothing leaves the machine); return the raw folder. Clean (every
+    alt-text the scene's true description), or ``noisy`` (the web's junk, near-miss and
+    partial alt-texts, duplicates and failures). The scene seeds differ from the demo's and
+    the experiment's worlds, so their images are held out."""
     from pipeline import ray_backend
     from pipeline.config import load_config
     from pipeline.download import download
     from pipeline.synthweb import WebServer, build_world
 
+    import shutil
+
     out = Path(out)
-    (out / "web").mkdir(parents=True, exist_ok=True)
-    world = build_world(rows, seed=seed, size=(image_size * 2, image_size * 2), noisy=False)
+    shutil.rmtree(out, ignore_errors=True)  # the server's port, so its URL list, is new each time: start afresh
+    (out / "web").mkdir(parents=True)
+    world = build_world(rows, seed=seed, size=(image_size * 2, image_size * 2), noisy=noisy)
     with WebServer(world) as server:
         urls = world.write_url_list(str(out / "web" / "urls.parquet"), server.base_url)
         cfg = load_config(values={
             "output": str(out), "input.path": urls, "input.preset": "laion",
             "download.image_size": image_size, "download.resize_mode": "center_crop",
-            "download.samples_per_shard": per_shard, "download.threads": 16, "download.timeout": 5,
-            "download.fetch.allow_loopback": True, "resources.num_cpus": 2,
+            "download.samples_per_shard": per_shard, "download.threads": 16, "download.timeout": 2,
+            "download.retry_passes": 1, "download.retry_wait": 0.5, "download.fetch.allow_loopback": True,
+            "download.fetch.max_bytes": 2_000_000, "download.fetch.read_deadline": 3, "resources.num_cpus": 2,
         })
         try:
             download(cfg)
         finally:
             ray_backend.shutdown()
     return Path(cfg.raw_dir)
+
+
+def clean_shards(out: Path, rows: int, seed: int = 1, image_size: int = 64, per_shard: int = 1000) -> Path:
+    """:func:`web_shards` of a clean world."""
+    return web_shards(out, rows, seed, image_size, per_shard, noisy=False)
 
 
 def _downloaded(raw: Path) -> tuple[list[Path], int]:
@@ -202,11 +214,12 @@ def clip_near_miss_rate(clip: str, n: int = 300, seed: int = 7) -> dict:
 
 
 def build(output: Path, rows: int = 20000, clip_epochs: int = 12, only: list[str] | None = None,
-          seed: int = 0, captioner_images: int = 400, captioner_epochs: int = 40) -> dict:
+          seed: int = 0, captioner_images: int = 400, captioner_epochs: int = 20) -> dict:
     """Build the world models under ``output`` (each part skipped if ``only`` leaves it out):
     ``clip/`` (clean shards downloaded by Tapir, then open_clip_train; the shards are removed
-    after), ``captioner/`` (fine-tuned on ``captioner_images`` scenes over the CLIP's image
-    encoder) and ``attributes/`` (the attribute classifier); ``world-models.json`` names them
+    after), ``captioner/`` (over the CLIP's image encoder: trained on the alt-texts of a noisy
+    web of ``rows`` rows Tapir downloads, then fine-tuned on ``captioner_images`` scenes with
+    detailed captions) and ``attributes/`` (the attribute classifier); ``world-models.json`` names them
     with their held-out figures."""
     import shutil
 
@@ -235,9 +248,11 @@ def build(output: Path, rows: int = 20000, clip_epochs: int = 12, only: list[str
     if "captioner" in parts:
         if "clip" not in index:
             raise FileNotFoundError(f"no world CLIP in {output}: build it first (--only clip)")
+        web = web_shards(output / "captioner-web", rows, seed=seed + 2, noisy=True)
         captioner.train(_ident(output, index["clip"]["model"]), output / "captioner", images=captioner_images,
-                        epochs=captioner_epochs, seed=seed)
-        index["captioner"] = {"model": "captioner", "images": captioner_images,
+                        epochs=captioner_epochs, seed=seed, web=web)
+        shutil.rmtree(output / "captioner-web")
+        index["captioner"] = {"model": "captioner", "images": captioner_images, "web_rows": rows,
                               "held_out": captioner.held_out_rate(str(output / "captioner"))}
         save()
         log.info("world captioner on held-out images: %s", index["captioner"]["held_out"])
