@@ -121,6 +121,12 @@ def test_demo(tmp_path):
     assert 0 < select["kept"] < select["rows_in"] and score["duplicates_by_kind"].get("exact", 0) >= 1
     assert (tmp_path / "demo" / "report" / "index.html").exists()
     assert "raw shards:" in proc.stdout and "select:" in proc.stdout
+    import pyarrow.parquet as pq
+
+    captions = [c for p in sorted((tmp_path / "demo" / "captions").glob("[0-9]*.parquet"))
+                for c in pq.read_table(p, columns=["descriptive"])["descriptive"].to_pylist() if c]
+    # written by the world captioner (models/world), not a random one
+    assert captions and sum(c.endswith("background.") for c in captions) >= 0.8 * len(captions), captions[:5]
     recaption = funnel["recaption"]  # every kept row captioned or recorded failed, every stage's funnel checked
     assert recaption["rows_in"] == select["kept"] == recaption["captioned"] + recaption["partial"] + recaption["failed"]
     build = funnel["build"]
