@@ -151,5 +151,12 @@ def test_demo(tmp_path):
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000020.png", "step-00000040.png"]
     page = (tmp_path / "demo" / "report" / "index.html").read_text()
     assert "diffusion_loss.png" in page and (tmp_path / "demo" / "report" / "diffusion_step-00000040.png").exists()
+    from training import attributes, world
+    from training.sample import load_sampler
+
+    sample, _ = load_sampler(run, device="cpu")  # the closed loop's measure on the demo's generator
+    scored = attributes.prompt_following(sample, world.models()["attributes"], n=8, steps=4)
+    assert scored["images"].shape == (8, 3, 64, 64) and set(scored["accuracy"]) == set(attributes.ATTRIBUTES)
+    assert all(0 <= v <= 1 for v in scored["accuracy"].values())
     verified = _run(["verify", tmp_path / "demo" / "shards"])
     assert verified.returncode == 0 and "ok," in verified.stdout, verified.stdout + verified.stderr

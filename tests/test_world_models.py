@@ -184,3 +184,27 @@ def test_attribute_classifier_held_out_accuracy_is_above_its_floor():
     acc = attributes.accuracy(clf.net, x, y)
     floors = {"colour": 0.95, "size": 0.95, "position": 0.95, "background": 0.95, "shape": 0.85, "count": 0.9}
     assert all(acc[k] >= v for k, v in floors.items()), acc
+
+
+def test_prompt_following_scores_a_faithful_generator_high_and_a_blank_one_near_chance():
+    """The experiment's measure, on two stand-in generators: one that renders exactly what each prompt
+    says (as 16x16 images, the generator's size) and one that draws grey squares."""
+    import numpy as np
+
+    from pipeline.synthweb import render
+
+    scenes = {s.caption(): s for s in attributes.held_out_prompts(64)}
+
+    def faithful(prompts, seed=0):
+        imgs = [np.array(render(scenes[p], 64, 64, seed + i).resize((16, 16))) for i, p in enumerate(prompts)]
+        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)
+
+    def blank(prompts, seed=0):
+        return torch.full((len(prompts), 3, 16, 16), 128, dtype=torch.uint8)
+
+    clf = attributes.load(world.models()["attributes"])
+    good = attributes.prompt_following(faithful, clf, n=64)
+    bad = attributes.prompt_following(blank, clf, n=64)
+    assert good["images"].shape == (64, 3, 16, 16) and good["prompts"] == 64
+    assert good["accuracy"]["colour"] >= 0.95 and good["accuracy"]["position"] >= 0.9, good["accuracy"]
+    assert bad["accuracy"]["colour"] <= 0.35 and bad["accuracy"]["shape"] <= 0.5, bad["accuracy"]

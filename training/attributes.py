@@ -164,3 +164,26 @@ class AttributeClassifier:
 
 def load(folder: str | Path) -> AttributeClassifier:
     return AttributeClassifier(folder)
+
+
+def held_out_prompts(n: int, seed: int = 31337) -> list[Scene]:
+    """``n`` scenes of one object group no model trained on (their own seed): their captions
+    are the prompts, their attributes what a generated image must show."""
+    rng = random.Random(seed)
+    return [random_single_scene(rng) for _ in range(n)]
+
+
+def prompt_following(sample, classifier: "AttributeClassifier | str | Path", n: int = 64, seed: int = 0,
+                     prompt_seed: int = 31337, **sample_kwargs) -> dict:
+    """Prompt-following accuracy of a generator, per attribute: ``sample(prompts, seed=...,
+    **sample_kwargs)`` (uint8 images (N, 3, H, W), e.g. :func:`training.sample.load_sampler`'s)
+    draws an image for each of ``n`` held-out prompts, and the attribute classifier says how
+    often it shows what its prompt asked for. Chance levels are given beside."""
+    clf = classifier if isinstance(classifier, AttributeClassifier) else load(classifier)
+    scenes = held_out_prompts(n, prompt_seed)
+    images = sample([s.caption() for s in scenes], seed=seed, **sample_kwargs)
+    pred = clf.predict(images.float() / 255.0)
+    truth = [scene_attributes(s) for s in scenes]
+    return {"accuracy": {k: round(sum(p == t[k] for p, t in zip(pred[k], truth)) / n, 4) for k in ATTRIBUTES},
+            "chance": {k: round(1 / len(v), 4) for k, v in ATTRIBUTES.items()}, "prompts": n,
+            "images": images}

@@ -105,10 +105,10 @@ def vae_scale(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def sample_run(run_dir: Path, prompts: list[str], steps: int | None = None, cfg: float | None = None,
-               seed: int = 0, sampler_name: str | None = None, out: Path | None = None,
-               checkpoint: Path | None = None, device: str = "auto") -> Path:
-    """Sample a grid from a run folder's newest (or a given) checkpoint; return the PNG's path."""
+def load_sampler(run_dir: Path, checkpoint: Path | None = None, device: str = "auto"):
+    """A callable ``(prompts, steps=None, cfg=None, seed=0, sampler_name=None) -> uint8 images
+    (N, 3, H, W)`` over a run folder's newest (or a given) checkpoint's EMA weights, decoded
+    through the run's VAE; and the checkpoint's path."""
     from filters.clip import pick_device
     from pipeline.config import RunConfig
     from training import checkpoint as ckpt
@@ -118,8 +118,7 @@ def sample_run(run_dir: Path, prompts: list[str], steps: int | None = None, cfg:
 
     run_dir = Path(run_dir)
     facts = json.loads((run_dir / "run.json").read_text())
-    cfg_run = RunConfig.model_validate(facts["config"])
-    t = cfg_run.train_diffusion
+    t = RunConfig.model_validate(facts["config"]).train_diffusion
     device = pick_device(device)
     path = checkpoint or ckpt.latest(run_dir / "checkpoints")
     if path is None:
@@ -131,12 +130,26 @@ def sample_run(run_dir: Path, prompts: list[str], steps: int | None = None, cfg:
     model.load_state_dict(ckpt.load_weights(path, "ema"))
     model.to(device)
     vae = load_vae(facts["vae"]["model"], facts["vae"]["subfolder"], device)
-    emb, mask = text.encode(prompts)
-    images = generate(model, emb, mask, text.encode([""]), train_scheduler(t.diffusion), kl, vae,
-                      (kl["channels"], facts["latent_size"], facts["latent_size"]),
-                      sampler_name=sampler_name or t.sample.sampler, steps=steps or t.sample.steps,
-                      cfg=t.sample.cfg if cfg is None else cfg, seed=seed)
-    out = Path(out) if out else run_dir / "samples" / f"sample-{path.name}-seed{seed}.png"
+    null = text.encode([""])
+
+    def sample(prompts: list[str], steps: int | None = None, cfg: float | None = None, seed: int = 0,
+               sampler_name: str | None = None) -> torch.Tensor:
+        emb, mask = text.encode(prompts)
+        return generate(model, emb, mask, null, train_scheduler(t.diffusion), kl, vae,
+                        (kl["channels"], facts["latent_size"], facts["latent_size"]),
+                        sampler_name=sampler_name or t.sample.sampler, steps=steps or t.sample.steps,
+                        cfg=t.sample.cfg if cfg is None else cfg, seed=seed)
+
+    return sample, path
+
+
+def sample_run(run_dir: Path, prompts: list[str], steps: int | None = None, cfg: float | None = None,
+               seed: int = 0, sampler_name: str | None = None, out: Path | None = None,
+               checkpoint: Path | None = None, device: str = "auto") -> Path:
+    """Sample a grid from a run folder's newest (or a given) checkpoint; return the PNG's path."""
+    sample, path = load_sampler(run_dir, checkpoint, device)
+    images = sample(prompts, steps=steps, cfg=cfg, seed=seed, sampler_name=sampler_name)
+    out = Path(out) if out else Path(run_dir) / "samples" / f"sample-{path.name}-seed{seed}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     grid(images).save(out)
     return out
