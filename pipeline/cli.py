@@ -281,6 +281,16 @@ def cmd_world_models(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from training.closed_loop import closed_loop
+
+    seeds = tuple(int(x) for x in args.seeds.split(","))
+    closed_loop(Path(args.output), rows=args.rows, seeds=seeds, steps=args.steps, keep=args.keep,
+                prompts=args.prompts, arms=args.arms, models_folder=Path(args.models) if args.models else None,
+                overrides=args.overrides)
+    return 0
+
+
 def cmd_config(args) -> int:
     from pipeline.config import reference
 
@@ -382,18 +392,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("world-models", help="train the synthetic world's models with Tapir's own tools: a CLIP "
                        "(open_clip_train on shards Tapir downloads), a captioner fine-tuned on a few hundred "
-                       "detailed captions, and the attribute classifier")
+                       "detailed captions, the attribute classifier and a KL autoencoder (tapir train-autoencoder)")
     p.add_argument("--output", default="models/world", help="folder (default models/world, the committed ones)")
     p.add_argument("--rows", type=int, default=20000, help="synthetic pairs the CLIP trains on (clean) and the "
                    "captioner first learns alt-texts from (a noisy web)")
     p.add_argument("--clip-epochs", type=int, default=12, help="open_clip_train epochs")
-    p.add_argument("--only", help="comma-separated subset of: clip, captioner, attributes (the captioner needs "
-                   "the CLIP)")
+    p.add_argument("--only", help="comma-separated subset of: clip, captioner, attributes, autoencoder (the "
+                   "captioner needs the CLIP, the autoencoder's fidelity is judged by the attribute classifier)")
     p.add_argument("--captioner-images", type=int, default=400, help="images with ground-truth captions the "
                    "captioner is fine-tuned on")
     p.add_argument("--captioner-epochs", type=int, default=20, help="epochs over those images")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_world_models, verbose=False)
+
+    p = sub.add_parser("experiment", help="experiments on the synthetic world, run end to end by Tapir's stages")
+    p.add_argument("name", choices=["closed-loop"], help="closed-loop: one noisy web; the same generator trained "
+                   "on (a) everything with alt-text, (b) CLIP-filtered and deduplicated, (c) filtered and "
+                   "recaptioned 95/5, (d) recaptioned unfiltered; judged on held-out prompts")
+    p.add_argument("--output", default="runs/closed-loop", help="folder (resumes what is done there)")
+    p.add_argument("--rows", type=int, default=6000, help="rows of the noisy web")
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds (each arm once per seed)")
+    p.add_argument("--steps", type=int, default=1500, help="train-diffusion steps of every arm")
+    p.add_argument("--keep", type=int, default=60, help="arms (b), (c): the top N%% by CLIP score of the "
+                   "non-duplicates")
+    p.add_argument("--prompts", type=int, default=128, help="held-out prompts each run is judged on")
+    p.add_argument("--arms", default="abcd", help="subset of the arms, e.g. 'bc'")
+    p.add_argument("--models", help="world models folder (default: the committed models/world)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of configs/closed-loop.yaml (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("config", help="validate a config and print it resolved, or print the reference")
     p.add_argument("config", nargs="?")

@@ -68,6 +68,7 @@ def _demo(output: Path, rows: int, config: Path | None, overrides: list[str], va
         # the world's CLIP and captioner, trained by Tapir's own tools (`tapir world-models`) and
         # committed under models/world, load through the same loaders as pretrained ones; where
         # they are missing (a checkout without them), tiny random ones built from configs stand in
+        found = {}
         try:
             found = world_models()
             clip, captioner = found["clip"], found["captioner"]
@@ -78,12 +79,13 @@ def _demo(output: Path, rows: int, config: Path | None, overrides: list[str], va
             captioner = save_tiny_chat_vlm(output / "models" / "tiny-chat")
             values = {"score.dedup.semantic": False, **values}  # random embeddings all look alike
         text = save_tiny_text_encoder(output / "models" / "tiny-t5")  # a tiny T5 text encoder
-        # no autoencoder exists for this world either: the demo trains its own (VQ and KL), and the
-        # build stage encodes with them
+        # the demo trains a VQ autoencoder (the AR model's tokens); the KL one is the world's
+        # (`tapir world-models --only autoencoder`), else trained here too
         vq_dir, kl_dir = output / "runs" / "autoencoder-vq", output / "runs" / "autoencoder-kl"
+        kl_model = found.get("autoencoder") or str(kl_dir / "model")
         paths = {"output": str(output), "input.path": str(urls), "score.clip.model": str(clip),
                  "score.clip.pretrained": None, "recaption.model": str(captioner),
-                 "build.vae.model": str(kl_dir / "model"), "build.vq.model": str(vq_dir / "model"),
+                 "build.vae.model": kl_model, "build.vq.model": str(vq_dir / "model"),
                  "build.text.model": str(text), "train_autoencoder.output": str(vq_dir)}
         cfg = load_config(config, list(overrides), values={**paths, **values})
         check_rules(cfg)
@@ -94,12 +96,15 @@ def _demo(output: Path, rows: int, config: Path | None, overrides: list[str], va
             recaption(cfg)
             log.info("training a tiny VQ autoencoder on the selected images of %s", cfg.raw_dir)
             train_autoencoder(cfg)
-            kl = cfg.model_copy(deep=True)
-            kl.train_autoencoder.kind, kl.train_autoencoder.output = "kl", str(kl_dir)
-            kl.train_autoencoder.data.shards = str(cfg.autoencoder_shards)  # the images prepared for the VQ run
-            kl.train_autoencoder.data.source = "shards"
-            log.info("training a tiny KL autoencoder on them")
-            train_autoencoder(kl)
+            if "autoencoder" in found:
+                log.info("KL latents from the world autoencoder %s", kl_model)
+            else:
+                kl = cfg.model_copy(deep=True)
+                kl.train_autoencoder.kind, kl.train_autoencoder.output = "kl", str(kl_dir)
+                kl.train_autoencoder.data.shards = str(cfg.autoencoder_shards)  # the images prepared for the VQ run
+                kl.train_autoencoder.data.source = "shards"
+                log.info("training a tiny KL autoencoder on them")
+                train_autoencoder(kl)
             build(cfg)
             log.info("training a tiny DiT on %s", cfg.shards_dir)
             trained = train_diffusion(cfg)
@@ -120,8 +125,8 @@ def _demo(output: Path, rows: int, config: Path | None, overrides: list[str], va
     print(f"  captions:   {cfg.captions_dir}  (descriptive, short, provenance)")
     print(f"  shards:     {cfg.shards_dir}  (NNNNN.tar with latents and tokens, manifest.json; "
           f"check with `tapir verify {cfg.shards_dir}`)")
-    print(f"  autoencoders: {vq_dir}, {kl_dir}  (model/ loads with diffusers; samples/: originals over "
-          "reconstructions)")
+    print(f"  autoencoders: {vq_dir}, {kl_model if 'autoencoder' in found else kl_dir}  (model/ loads with "
+          "diffusers; samples/: originals over reconstructions)")
     print(f"  diffusion:  {cfg.diffusion_dir}  ({trained['steps']} steps; samples/, tb/ for TensorBoard, "
           f"pipeline/ loads with diffusers)")
     print(f"  AR:         {cfg.ar_dir}  ({trained_ar['steps']} steps; samples/, model/; "

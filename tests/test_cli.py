@@ -139,19 +139,22 @@ def test_demo(tmp_path):
     manifest = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
     assert set(manifest["encoders"]) == {"kl", "vq", "text"} and manifest["complete"]
     assert "latent_mean.npy" in manifest["members"] and "tokens.npy" in manifest["members"]
-    runs = tmp_path / "demo" / "runs"  # the build encoded with the autoencoders the demo trained
+    from training import world
+
+    runs = tmp_path / "demo" / "runs"  # the build encoded with the VQ the demo trained and the world's KL
     assert manifest["encoders"]["vq"]["model"] == str(runs / "autoencoder-vq" / "model")
-    assert manifest["encoders"]["kl"]["model"] == str(runs / "autoencoder-kl" / "model")
-    assert manifest["encoders"]["kl"]["scaling_factor"] != 1.0  # measured on the training images
+    assert manifest["encoders"]["kl"]["model"] == world.models()["autoencoder"]
+    assert manifest["encoders"]["kl"]["scaling_factor"] != 1.0  # measured on its training images
+    assert not (runs / "autoencoder-kl").exists()
     assert (runs / "ar" / "model" / "tapir_ar.json").exists() and (runs / "ar" / "samples" / "step-00000020.png").exists()
     html = (tmp_path / "demo" / "report" / "index.html").read_text()
-    assert all(f"runs/{name}" in html for name in ("autoencoder-vq", "autoencoder-kl", "diffusion", "ar"))
+    assert all(f"runs/{name}" in html for name in ("autoencoder-vq", "diffusion", "ar"))
     run = tmp_path / "demo" / "runs" / "diffusion"
     assert "diffusion:" in proc.stdout and (run / "pipeline" / "model_index.json").exists()
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000020.png", "step-00000040.png"]
     page = (tmp_path / "demo" / "report" / "index.html").read_text()
     assert "diffusion_loss.png" in page and (tmp_path / "demo" / "report" / "diffusion_step-00000040.png").exists()
-    from training import attributes, world
+    from training import attributes
     from training.sample import load_sampler
 
     sample, _ = load_sampler(run, device="cpu")  # the closed loop's measure on the demo's generator

@@ -208,6 +208,30 @@ def test_missing_caption_kinds_fall_back_in_the_stated_order(shards):
     assert stream._decode(raw, 0)["caption"] == "short one"
 
 
+def test_a_sample_with_no_caption_stops_the_run_or_trains_unconditional(shards):
+    """An empty alt-text (the web has them): by default an error naming the sample; with
+    data.empty_caption 'unconditional' it trains as a dropped caption, and the samples with
+    text keep their draws (the random stream is the same)."""
+    _, folder, _ = shards
+    raw = {"__key__": "k7", "descriptive.txt": b"a red circle", "alt.txt": b"",
+           "latent_mean.npy": _npy(np.zeros((4, 8, 8), np.float16)),
+           "latent_std.npy": _npy(np.ones((4, 8, 8), np.float16))}
+
+    def stream(mode):
+        return ShardStream(folder, manifest.load(folder), TrainDataConfig(
+            batch_size=8, workers=0, caption_probs={"alt_text": 1.0}, caption_fallback=["alt_text"],
+            caption_dropout=0.5, empty_caption=mode), seed=0)
+
+    with pytest.raises(ValueError, match="sample k7 has no caption of the kinds"):
+        stream("error")._decode(raw, 0)
+    out = stream("unconditional")._decode(raw, 0)
+    assert out["drop"] is True and out["caption"] == "" and out["kind"] == "alt_text"
+    raw["alt.txt"] = b"an alt text"  # with text, both modes draw the same dropout for the same sample
+    draws = [[stream(m)._decode({**raw, "__key__": f"k{i}"}, 0)["drop"] for i in range(40)]
+             for m in ("error", "unconditional")]
+    assert draws[0] == draws[1] and 5 < sum(draws[0]) < 35
+
+
 def _npy(arr):
     import io
 

@@ -220,11 +220,13 @@ class ShardStream(IterableDataset):
         if self.captions:
             texts = {k: raw[m].decode("utf-8").strip() for k, m in CAPTION_MEMBERS.items() if m in raw}
             kind = self.kinds[rng.choice(len(self.kinds), p=self.probs)]
-            if not texts.get(kind):
-                kind = next((k for k in self.fallback if texts.get(k)), None)
-                if kind is None:
-                    raise ValueError(f"sample {key} has no caption of the kinds {self.fallback}")
             drop = bool(rng.random() < self.cfg.caption_dropout)
+            if not texts.get(kind):
+                found = next((k for k in self.fallback if texts.get(k)), None)
+                if found is None and self.cfg.empty_caption == "error":
+                    raise ValueError(f"sample {key} has no caption of the kinds {self.fallback} (set "
+                                     "data.empty_caption: unconditional to train it with the empty caption)")
+                kind, drop = (found, drop) if found else (kind, True)
             out.update(kind=kind, drop=drop, caption="" if drop else texts[kind])
         flip = self.cfg.flip and (self.payload == "image" or self.has_flip) and rng.random() < 0.5
         if self.payload == "image":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+PARTS = ("clip", "captioner", "attributes", "autoencoder")  # in build order: each may need the ones before
 WORLD_MODELS = Path(__file__).resolve().parent.parent / "models" / "world"  # the committed ones
 CLIP_NAME = "tapir-world-clip"
 # ~1.6M parameters; the text tower reads the world's words through a word-level tokenizer
@@ -213,6 +214,79 @@ def clip_near_miss_rate(clip: str, n: int = 300, seed: int = 7) -> dict:
             "retrieval_top1": round(top1, 4), "images": n}
 
 
+def train_autoencoder(out: Path, rows: int = 4000, steps: int = 600, batch_size: int = 32, lr: float = 1e-3,
+                      seed: int = 0) -> Path:
+    """A KL autoencoder (64 px to 16x16x4 latents) trained by ``tapir train-autoencoder`` on
+    ``rows`` clean scenes Tapir downloads (scored by the basic scorer, all kept); the diffusers
+    model folder is copied to ``out/model``, the run's samples to ``out/samples``. Return the
+    model folder."""
+    import shutil
+
+    from pipeline import ray_backend
+    from pipeline.config import load_config
+    from pipeline.score import score
+    from pipeline.select import select
+    from training.autoencoder import train_autoencoder as train_ae
+
+    out = Path(out)
+    data = out / "data"
+    clean_shards(data, rows, seed=seed + 3)
+    cfg = load_config(values={
+        "output": str(data), "input.path": str(data / "web" / "urls.parquet"), "input.preset": "laion",
+        "resources.num_cpus": 2, "score.scorers": ["basic"], "score.dedup.near": False,
+        "score.dedup.semantic": False, "select.rules": [], "build.resolution": 64,
+        "build.samples_per_shard": 500, "train_autoencoder.kind": "kl", "train_autoencoder.model": "tiny",
+        "train_autoencoder.output": str(data / "run"), "train_autoencoder.max_steps": steps,
+        "train_autoencoder.seed": seed, "train_autoencoder.data.source": "raw",
+        "train_autoencoder.data.batch_size": batch_size, "train_autoencoder.data.workers": 1,
+        "train_autoencoder.data.shuffle_buffer": 256, "train_autoencoder.optim.lr": lr,
+        "train_autoencoder.optim.warmup_steps": 20, "train_autoencoder.sample.every": steps,
+        "train_autoencoder.checkpoint_every": steps, "train_autoencoder.scaling_images": 256,
+    })
+    try:
+        score(cfg)
+        select(cfg)
+    finally:
+        ray_backend.shutdown()
+    train_ae(cfg)
+    for name in ("model", "samples"):
+        shutil.rmtree(out / name, ignore_errors=True)
+        shutil.copytree(data / "run" / name, out / name)
+    shutil.rmtree(data)
+    return out / "model"
+
+
+def autoencoder_fidelity(model: str | Path, classifier: str | Path, n: int = 500, seed: int = 11) -> dict:
+    """How much of a scene survives the autoencoder: L1 error of reconstructions of ``n``
+    held-out 64 px scenes of one object group, and the attribute classifier's accuracy on the
+    reconstructions beside its accuracy on the originals."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from pipeline.synthweb import render
+    from training import attributes
+    from training.sample import load_vae
+
+    rng = random.Random(seed)
+    scenes = [attributes.random_single_scene(rng) for _ in range(n)]
+    x = torch.from_numpy(np.stack([np.asarray(render(s, 128, 128, 90_000 + i).resize((64, 64)))
+                                   for i, s in enumerate(scenes)])).permute(0, 3, 1, 2).float() / 255
+    vae = load_vae(str(model), None, "cpu")
+    with torch.no_grad():
+        rec = torch.cat([vae(x[i:i + 100] * 2 - 1).sample for i in range(0, n, 100)]).add(1).div(2).clamp(0, 1)
+    clf = attributes.load(classifier)
+    truth = [attributes.scene_attributes(s) for s in scenes]
+
+    def acc(images):
+        pred = clf.predict(images)
+        return {k: round(sum(p == t[k] for p, t in zip(pred[k], truth)) / n, 4) for k in attributes.ATTRIBUTES}
+
+    return {"l1": round(float((rec - x).abs().mean()), 4), "classifier_on_reconstructions": acc(rec),
+            "classifier_on_originals": acc(x), "images": n}
+
+
 def build(output: Path, rows: int = 20000, clip_epochs: int = 12, only: list[str] | None = None,
           seed: int = 0, captioner_images: int = 400, captioner_epochs: int = 20) -> dict:
     """Build the world models under ``output`` (each part skipped if ``only`` leaves it out):
@@ -229,10 +303,10 @@ def build(output: Path, rows: int = 20000, clip_epochs: int = 12, only: list[str
     output.mkdir(parents=True, exist_ok=True)
     index_path = output / "world-models.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    parts = only or ["clip", "captioner", "attributes"]
-    unknown = set(parts) - {"clip", "captioner", "attributes"}
+    parts = only or list(PARTS)
+    unknown = set(parts) - set(PARTS)
     if unknown:
-        raise ValueError(f"unknown world models {sorted(unknown)}: choose from clip, captioner, attributes")
+        raise ValueError(f"unknown world models {sorted(unknown)}: choose from {', '.join(PARTS)}")
 
     def save():
         index_path.write_text(json.dumps(index, indent=2) + "\n")
@@ -260,6 +334,14 @@ def build(output: Path, rows: int = 20000, clip_epochs: int = 12, only: list[str
         info = attributes.train(output / "attributes", seed=seed)
         index["attributes"] = {"model": "attributes", "held_out_accuracy": info["held_out_accuracy"]}
         save()
+    if "autoencoder" in parts:
+        if "attributes" not in index:
+            raise FileNotFoundError(f"no attribute classifier in {output}: build it first (--only attributes)")
+        model = train_autoencoder(output / "autoencoder", seed=seed)
+        index["autoencoder"] = {"model": "autoencoder/model", "kind": "kl",
+                                "held_out": autoencoder_fidelity(model, output / index["attributes"]["model"])}
+        save()
+        log.info("world autoencoder on held-out images: %s", index["autoencoder"]["held_out"])
     return index
 
 
@@ -269,7 +351,7 @@ def _ident(output: Path, rel: str) -> str:
 
 def models(folder: Path | None = None) -> dict:
     """The world models' locations: {'clip': 'local-dir:...', 'captioner': path,
-    'attributes': path} from ``folder`` (default: the committed ``models/world``)."""
+    'attributes': path, 'autoencoder': path} from ``folder`` (default: the committed ``models/world``)."""
     folder = Path(folder) if folder else WORLD_MODELS
     index_path = folder / "world-models.json"
     if not index_path.is_file():
@@ -278,7 +360,7 @@ def models(folder: Path | None = None) -> dict:
     out = {}
     if "clip" in index:
         out["clip"] = _ident(folder, index["clip"]["model"])
-    for name in ("captioner", "attributes"):
+    for name in ("captioner", "attributes", "autoencoder"):
         if name in index:
             out[name] = str((folder / index[name]["model"]).resolve())
     return out
