@@ -82,6 +82,17 @@ def _true_alt_share(cfg, world_rows: dict) -> dict:
             "duplicates": round(dup / max(kept, 1), 4)}
 
 
+def _data_settings(output: Path, models: dict, rows: int, keep: int, config: Path | None, overrides) -> str:
+    """A digest of what makes the data sets: rows, rules, the world models and every stage's
+    settings up to build (a training setting changes nothing here)."""
+    import hashlib
+
+    cfg = _base_config(output, models, Path("text"), "urls", keep, "filtered", config, overrides).model_dump(mode="json")
+    made = {k: cfg[k] for k in ("download", "score", "select", "recaption", "build")}
+    made.update(rows=rows, keep=keep, world_seed=WORLD_SEED, models=models)
+    return hashlib.sha256(json.dumps(made, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def prepare_data(output: Path, rows: int, models: dict, keep: int, config: Path | None = None,
                  overrides: list[str] = ()) -> dict:
     """Step 1: the noisy web, downloaded, scored, recaptioned and built as ``all`` and
@@ -97,17 +108,20 @@ def prepare_data(output: Path, rows: int, models: dict, keep: int, config: Path 
 
     root = output / "data"
     record = root / "data.json"
+    made_by = _data_settings(output, models, rows, keep, config, overrides)
     if record.is_file():
         facts = json.loads(record.read_text())
-        if facts["rows"] == rows and facts["keep"] == keep:
+        if facts.get("made_by") == made_by:
             log.info("data: built already (%s)", record)
             return facts
+        log.info("data: rebuilding (%s changed)", record)
     shutil.rmtree(root, ignore_errors=True)  # the server's port, so its URL list, is new each run: start afresh
     (root / "web").mkdir(parents=True)
     text = save_tiny_text_encoder(root / "tiny-t5")
     world = build_world(rows, seed=WORLD_SEED, size=(128, 128), noisy=True)
     world_rows = {r["path"].lstrip("/"): r for r in world.rows}
-    start, facts = time.time(), {"rows": rows, "keep": keep, "world_seed": WORLD_SEED, "seconds": {}}
+    start, facts = time.time(), {"rows": rows, "keep": keep, "world_seed": WORLD_SEED, "seconds": {},
+                                 "made_by": made_by}
     with WebServer(world) as server:
         urls = world.write_url_list(str(root / "web" / "urls.parquet"), server.base_url)
         full = _base_config(output, models, text, urls, keep, "all", config, overrides)
@@ -147,7 +161,9 @@ def train_arm(output: Path, arm: str, seed: int, data: dict, models: dict, steps
 
     data_set, probs, fallback, _ = ARMS[arm]
     run = output / "runs" / f"{arm}-seed{seed}"
-    if (run / "rank-0.json").is_file() and json.loads((run / "rank-0.json").read_text())["steps"] >= steps:
+    made_by = {"data": data["made_by"], "steps": steps, "overrides": list(overrides)}
+    if (run / "arm.json").is_file() and json.loads((run / "arm.json").read_text()) == made_by \
+            and (run / "rank-0.json").is_file():
         return run
     cfg = _base_config(output, models, Path(data["text_encoder"]), str(output / "data" / "web" / "urls.parquet"),
                        keep, data_set, config, overrides)
@@ -160,11 +176,12 @@ def train_arm(output: Path, arm: str, seed: int, data: dict, models: dict, steps
     log.info("arm %s, seed %d: train-diffusion on %s (%s), %d steps", arm, seed, data_set, probs, steps)
     shutil.rmtree(run, ignore_errors=True)
     train_diffusion(cfg)
+    (run / "arm.json").write_text(json.dumps(made_by) + "\n")  # written last: the run is complete
     return run
 
 
-def evaluate(run: Path, models: dict, prompts: int = 128, seed: int = 0, steps: int = 25,
-             cfg: float = 3.0) -> dict:
+def evaluate(run: Path, models: dict, prompts: int = 256, seed: int = 0, steps: int | None = None,
+             cfg: float | None = None) -> dict:
     """Step 3: prompt following per attribute, CLIP score and Fréchet distance of one run's
     samples of ``prompts`` held-out prompts; the first 8 images are saved as ``samples.pt``."""
     import torch
@@ -173,7 +190,8 @@ def evaluate(run: Path, models: dict, prompts: int = 128, seed: int = 0, steps: 
     from training.evaluate import Evaluator
     from training.sample import load_sampler
 
-    sample, ckpt = load_sampler(run, device="cpu")
+    sample, ckpt = load_sampler(run, device="cpu")  # steps and cfg None: the run's train_diffusion.sample
+    sampling = json.loads((run / "run.json").read_text())["config"]["train_diffusion"]["sample"]
     pf = prompt_following(sample, models["attributes"], n=prompts, seed=seed, steps=steps, cfg=cfg)
     evaluator = Evaluator(models["clip"], None, "cpu", fid="clip")
     images, captions = pf["images"], reference_prompts(prompts)
@@ -181,7 +199,8 @@ def evaluate(run: Path, models: dict, prompts: int = 128, seed: int = 0, steps: 
               "mean_accuracy": round(statistics.mean(pf["accuracy"].values()), 4),
               "clip_score": round(evaluator.clip_score(images, captions), 3),
               "frechet_clip": round(evaluator.frechet(reference_images(prompts), images), 4),
-              "checkpoint": str(ckpt), "sampling": {"steps": steps, "cfg": cfg, "seed": seed}}
+              "checkpoint": str(ckpt), "sampling": {"steps": steps or sampling["steps"],
+                                                    "cfg": sampling["cfg"] if cfg is None else cfg, "seed": seed}}
     torch.save(images[:8].clone(), run / "samples.pt")
     (run / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -255,7 +274,7 @@ def table(summary: dict, reference: dict, chance: dict) -> str:
                                         *[_cell(v[k]) for k in ATTRS], _cell(v["mean_accuracy"]),
                                         _cell(v["clip_score"], 2), _cell(v["frechet_clip"], 4)]) + " |")
     lines.append("| true images (ceiling) | | | " + " | ".join(f"{reference['accuracy'][k]:.3f}" for k in ATTRS)
-                 + f" | {reference['mean_accuracy']:.3f} | {reference['clip_score']:.2f} | 0 |")
+                 + f" | {reference['mean_accuracy']:.3f} | {reference['clip_score']:.2f} | - |")
     lines.append("| chance | | | " + " | ".join(f"{chance[k]:.3f}" for k in ATTRS)
                  + f" | {statistics.mean(chance[k] for k in ATTRS):.3f} | | |")
     return "\n".join(lines)
@@ -305,8 +324,8 @@ Each cell: mean over seeds (min-max).</p>
     return out
 
 
-def closed_loop(output: Path, rows: int = 6000, seeds: tuple[int, ...] = (0, 1), steps: int = 1500,
-                keep: int = 60, prompts: int = 128, arms: str = "abcd", models_folder: Path | None = None,
+def closed_loop(output: Path, rows: int = 6000, seeds: tuple[int, ...] = (0, 1), steps: int = 2400,
+                keep: int = 60, prompts: int = 256, arms: str = "abcd", models_folder: Path | None = None,
                 config: Path | None = None, overrides: list[str] = ()) -> dict:
     """Run the experiment into ``output`` (resuming what is done); print and return the table."""
     from training.world import models as world_models
@@ -327,7 +346,7 @@ def closed_loop(output: Path, rows: int = 6000, seeds: tuple[int, ...] = (0, 1),
     for seed in seeds:  # seed-major: a stopped run has every arm of the first seeds
         for arm in arms:
             run = train_arm(output, arm, seed, data, models, steps, keep, config, overrides)
-            done = run / "result.json"
+            done = run / "result.json"  # removed with the run folder when it is retrained
             result = json.loads(done.read_text()) if done.is_file() else None
             if result is None or result["prompts"] != prompts:
                 result = evaluate(run, models, prompts, seed)
