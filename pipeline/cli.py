@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=6000, help="rows of the noisy web")
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds (each arm once per seed)")
     p.add_argument("--steps", type=int, default=2400, help="train-diffusion steps of every arm")
-    p.add_argument("--keep", type=int, default=60, help="arms (b), (c): the top N%% by CLIP score of the "
-                   "non-duplicates")
+    p.add_argument("--keep", type=int, default=60, help="arms (b), (c): rows that are not duplicates and in the "
+                   "top N%% by CLIP score (of every scored row)")
     p.add_argument("--prompts", type=int, default=256, help="held-out prompts each run is judged on")
     p.add_argument("--arms", default="abcd", help="subset of the arms, e.g. 'bc'")
     p.add_argument("--models", help="world models folder (default: the committed models/world)")

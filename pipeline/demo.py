@@ -125,8 +125,8 @@ def _demo(output: Path, rows: int, config: Path | None, overrides: list[str], va
     print(f"  captions:   {cfg.captions_dir}  (descriptive, short, provenance)")
     print(f"  shards:     {cfg.shards_dir}  (NNNNN.tar with latents and tokens, manifest.json; "
           f"check with `tapir verify {cfg.shards_dir}`)")
-    print(f"  autoencoders: {vq_dir}, {kl_model if 'autoencoder' in found else kl_dir}  (model/ loads with "
-          "diffusers; samples/: originals over reconstructions)")
+    print(f"  autoencoders: {vq_dir}, {Path(kl_model).parent if 'autoencoder' in found else kl_dir}  (model/ "
+          "loads with diffusers; samples/: originals over reconstructions)")
     print(f"  diffusion:  {cfg.diffusion_dir}  ({trained['steps']} steps; samples/, tb/ for TensorBoard, "
           f"pipeline/ loads with diffusers)")
     print(f"  AR:         {cfg.ar_dir}  ({trained_ar['steps']} steps; samples/, model/; "

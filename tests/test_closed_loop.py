@@ -34,11 +34,13 @@ def test_table_gives_mean_and_range_over_seeds_per_arm_with_the_ceiling_and_chan
 def test_closed_loop_runs_every_arm_end_to_end_and_resumes(tmp_path):
     """Toy size (150 rows, 4 steps a run): every stage runs for real on a loopback web; the
     filtered set is a strict subset with more true alt-texts; each arm's run trained on its
-    caption kinds; the report holds the grid; a rerun redoes nothing."""
+    caption kinds; the report holds the grid; a rerun redoes nothing, a changed setting redoes
+    what it made."""
     sets = ["--set=train_diffusion.data.batch_size=8", "--set=train_diffusion.data.shuffle_buffer=16",
             "--set=recaption.batch_size=16", "--set=build.samples_per_shard=50"]
+    overrides = [s.removeprefix("--set=") for s in sets]
     out = closed_loop.closed_loop(tmp_path / "x", rows=150, seeds=(0,), steps=4, keep=60, prompts=8,
-                                  overrides=[s.removeprefix("--set=") for s in sets])
+                                  overrides=overrides)
     data = out["data"]["sets"]
     assert 0 < data["filtered"]["rows"] < data["all"]["rows"] <= 150
     assert data["filtered"]["true_alt_text"] > data["all"]["true_alt_text"]
@@ -53,6 +55,17 @@ def test_closed_loop_runs_every_arm_end_to_end_and_resumes(tmp_path):
     assert "(d) everything downloaded, recaptioned" in (tmp_path / "x" / "table.md").read_text()
     stamp = (tmp_path / "x" / "runs" / "a-seed0" / "result.json").stat().st_mtime_ns
     again = closed_loop.closed_loop(tmp_path / "x", rows=150, seeds=(0,), steps=4, keep=60, prompts=8,
-                                    overrides=[s.removeprefix("--set=") for s in sets])
+                                    overrides=overrides)
     assert again["table"] == out["table"]
     assert (tmp_path / "x" / "runs" / "a-seed0" / "result.json").stat().st_mtime_ns == stamp
+    # a training setting changed: the arm retrains on the same data; a data setting: both are redone
+    data_json = tmp_path / "x" / "data" / "data.json"
+    made, data_stamp = json.loads(data_json.read_text())["made_by"], data_json.stat().st_mtime_ns
+    closed_loop.closed_loop(tmp_path / "x", rows=150, seeds=(0,), steps=4, keep=60, prompts=8, arms="a",
+                            overrides=overrides + ["train_diffusion.optim.lr=0.002"])
+    run = json.loads((tmp_path / "x" / "runs" / "a-seed0" / "run.json").read_text())
+    assert run["config"]["train_diffusion"]["optim"]["lr"] == 0.002 and data_json.stat().st_mtime_ns == data_stamp
+    assert (tmp_path / "x" / "runs" / "a-seed0" / "result.json").stat().st_mtime_ns != stamp
+    closed_loop.closed_loop(tmp_path / "x", rows=150, seeds=(0,), steps=4, keep=60, prompts=8, arms="a",
+                            overrides=overrides + ["score.dedup.semantic_threshold=0.98"])
+    assert json.loads(data_json.read_text())["made_by"] != made

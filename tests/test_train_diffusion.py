@@ -209,9 +209,9 @@ def test_missing_caption_kinds_fall_back_in_the_stated_order(shards):
 
 
 def test_a_sample_with_no_caption_stops_the_run_or_trains_unconditional(shards):
-    """An empty alt-text (the web has them): by default an error naming the sample; with
-    data.empty_caption 'unconditional' it trains as a dropped caption, and the samples with
-    text keep their draws (the random stream is the same)."""
+    """An empty alt-text (the web has them): by default an error naming the sample (the stream
+    skips it as a fault); with data.empty_caption 'unconditional' it trains as a dropped
+    caption; either way every sample's draws follow the documented order."""
     _, folder, _ = shards
     raw = {"__key__": "k7", "descriptive.txt": b"a red circle", "alt.txt": b"",
            "latent_mean.npy": _npy(np.zeros((4, 8, 8), np.float16)),
@@ -226,10 +226,25 @@ def test_a_sample_with_no_caption_stops_the_run_or_trains_unconditional(shards):
         stream("error")._decode(raw, 0)
     out = stream("unconditional")._decode(raw, 0)
     assert out["drop"] is True and out["caption"] == "" and out["kind"] == "alt_text"
-    raw["alt.txt"] = b"an alt text"  # with text, both modes draw the same dropout for the same sample
-    draws = [[stream(m)._decode({**raw, "__key__": f"k{i}"}, 0)["drop"] for i in range(40)]
-             for m in ("error", "unconditional")]
-    assert draws[0] == draws[1] and 5 < sum(draws[0]) < 35
+    # the draws per sample are (kind, then dropout), from the sample's own generator, whatever
+    # the captions hold: a sample with text, or one whose drawn kind falls back, drops as documented
+    from training.data import _rng
+
+    def documented(key):
+        rng = _rng(0, 0, key)
+        rng.choice(1, p=[1.0])
+        return bool(rng.random() < 0.5)
+
+    expected = [documented(f"k{i}") for i in range(40)]
+    assert 5 < sum(expected) < 35
+    raw["alt.txt"] = b"an alt text"
+    for mode in ("error", "unconditional"):
+        assert [stream(mode)._decode({**raw, "__key__": f"k{i}"}, 0)["drop"] for i in range(40)] == expected
+    fallback = ShardStream(folder, manifest.load(folder), TrainDataConfig(
+        batch_size=8, workers=0, caption_probs={"alt_text": 1.0}, caption_fallback=["alt_text", "descriptive"],
+        caption_dropout=0.5), seed=0)
+    decoded = [fallback._decode({**raw, "alt.txt": b"", "__key__": f"k{i}"}, 0) for i in range(40)]
+    assert {d["kind"] for d in decoded} == {"descriptive"} and [d["drop"] for d in decoded] == expected
 
 
 def _npy(arr):

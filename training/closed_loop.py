@@ -5,9 +5,11 @@ downstream; DALL-E 3 (Betker et al., 2023) that training on descriptive syntheti
 blended 95/5 with the alt-text, improves prompt following. This runs both in miniature on
 the synthetic world, where every image's content is known and the web's noise is planted:
 
-1. one noisy web served on loopback, downloaded, scored (basic, pHash, world CLIP; dedup),
+1. one noisy web served on loopback, downloaded, scored (basic, pHash, world CLIP; exact and
+   semantic dedup: pHash is colour-blind, and this world's scenes differ mostly by colour),
    recaptioned by the world captioner, and built twice by Tapir's own stages: ``all`` (every
-   downloaded row) and ``filtered`` (not a duplicate, top ``keep``% by CLIP score);
+   downloaded row) and ``filtered`` (not a duplicate, and in the top ``keep``% by CLIP score
+   of every scored row);
 2. the same generator (``tapir train-diffusion``: model, steps, batch, seed) trained on four
    arms: (a) all, alt-text; (b) filtered, alt-text; (c) filtered, recaptioned, 95% descriptive
    and 5% alt-text; (d) all, recaptioned, the same blend;
@@ -61,13 +63,16 @@ def _base_config(output: Path, models: dict, text_encoder: Path, urls: str, keep
 
 
 def _true_alt_share(cfg, world_rows: dict) -> dict:
-    """Of the rows a selection keeps: how many, and the share whose alt-text is the scene's true
-    caption, whose image duplicates another, by the world's own record of each URL."""
+    """Of the rows a selection keeps: how many, the share whose alt-text is the scene's true
+    caption, and the share that are planted copies of another kept row (beyond the first of
+    each group), by the world's own record of each URL."""
     import pyarrow.parquet as pq
 
     from pipeline import shards
 
-    kept, true_alt, dup = 0, 0, 0
+    from collections import Counter
+
+    kept, true_alt, groups = 0, 0, Counter()
     for sid in sorted(shards.done_shards(cfg.selection_dir)):
         sel = pq.read_table(shards.shard_file(cfg.selection_dir, sid, ".parquet"), columns=["key", "keep"])
         keys = {k for k, keep in zip(sel["key"].to_pylist(), sel["keep"].to_pylist()) if keep}
@@ -77,9 +82,19 @@ def _true_alt_share(cfg, world_rows: dict) -> dict:
                 row = world_rows[url.split("://", 1)[1].split("/", 1)[1]]
                 kept += 1
                 true_alt += row["alt"] == row["true_caption"]
-                dup += row["kind"] in ("exact_dup", "near_dup")
+                groups[row["duplicate_of"] or row["path"]] += 1  # a planted copy and its original: one group
+    dup = sum(n - 1 for n in groups.values())  # kept rows beyond the first of their group
     return {"rows": kept, "true_alt_text": round(true_alt / max(kept, 1), 4),
             "duplicates": round(dup / max(kept, 1), 4)}
+
+
+def _complete(funnel: dict, what: str) -> None:
+    """A stage that failed a shard stops the experiment (its rerun resumes the stage): no arm
+    trains on a data set with holes."""
+    failed = funnel.get("failed_shards") or {}
+    if failed:
+        raise RuntimeError(f"{what} failed {len(failed)} shard(s): "
+                           + "; ".join(f"{k}: {str(v).splitlines()[0][:200]}" for k, v in list(failed.items())[:3]))
 
 
 def _data_settings(output: Path, models: dict, rows: int, keep: int, config: Path | None, overrides) -> str:
@@ -130,7 +145,7 @@ def prepare_data(output: Path, rows: int, models: dict, keep: int, config: Path 
                                 ("recaption", recaption), ("build", build)):
                 log.info("data/all: %s", name)
                 t0 = time.time()
-                stage(full)
+                _complete(stage(full), f"data/all: {name}")
                 facts["seconds"][f"all/{name}"] = round(time.time() - t0, 1)
             # the filtered set shares the download, its scores and the captions (of every row)
             filtered = _base_config(output, models, text, urls, keep, "filtered", config, overrides)
@@ -140,7 +155,7 @@ def prepare_data(output: Path, rows: int, models: dict, keep: int, config: Path 
             for name, stage in (("select", select), ("build", build)):
                 log.info("data/filtered: %s", name)
                 t0 = time.time()
-                stage(filtered)
+                _complete(stage(filtered), f"data/filtered: {name}")
                 facts["seconds"][f"filtered/{name}"] = round(time.time() - t0, 1)
         finally:
             ray_backend.shutdown()
@@ -160,11 +175,9 @@ def train_arm(output: Path, arm: str, seed: int, data: dict, models: dict, steps
     from training.diffusion import train_diffusion
 
     data_set, probs, fallback, _ = ARMS[arm]
+    import hashlib
+
     run = output / "runs" / f"{arm}-seed{seed}"
-    made_by = {"data": data["made_by"], "steps": steps, "overrides": list(overrides)}
-    if (run / "arm.json").is_file() and json.loads((run / "arm.json").read_text()) == made_by \
-            and (run / "rank-0.json").is_file():
-        return run
     cfg = _base_config(output, models, Path(data["text_encoder"]), str(output / "data" / "web" / "urls.parquet"),
                        keep, data_set, config, overrides)
     t = cfg.train_diffusion
@@ -173,6 +186,11 @@ def train_arm(output: Path, arm: str, seed: int, data: dict, models: dict, steps
     t.data.shards = data["sets"][data_set]["shards"]
     t.data.caption_probs, t.data.caption_fallback = probs, fallback
     t.sample.prompts = [s.caption() for s in held_out_prompts(8)]
+    training = json.dumps(t.model_dump(mode="json"), sort_keys=True).encode()
+    made_by = {"data": data["made_by"], "train_diffusion": hashlib.sha256(training).hexdigest()[:16]}
+    if (run / "arm.json").is_file() and json.loads((run / "arm.json").read_text()) == made_by \
+            and (run / "rank-0.json").is_file():
+        return run
     log.info("arm %s, seed %d: train-diffusion on %s (%s), %d steps", arm, seed, data_set, probs, steps)
     shutil.rmtree(run, ignore_errors=True)
     train_diffusion(cfg)

@@ -32,9 +32,9 @@ class TrainDataConfig(_Strict):
         description="Order tried when the drawn caption kind is empty for a sample (with pre-computed "
         "embeddings, only the kinds the shards embed).")
     empty_caption: Literal["error", "unconditional"] = Field(
-        "error", description="A sample with no text in any caption kind it may use: 'error' stops the run naming "
-        "it; 'unconditional' trains it with the empty caption (an empty alt-text on the web teaches nothing "
-        "about text, as a dropped caption).")
+        "error", description="A sample with no text in any caption kind it may use: 'error' skips it as a data "
+        "fault (logged, naming it, and counted in the run's faults); 'unconditional' trains it with the empty "
+        "caption (an empty alt-text on the web teaches nothing about text, as a dropped caption).")
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="Probability of the empty caption "
                                    "(the unconditional input of classifier-free guidance).")
     flip: bool = Field(False, description="Use the horizontally flipped latents half the time when the shards "
