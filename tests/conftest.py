@@ -108,25 +108,26 @@ def s3(s3_server) -> str:
     return s3_server.bucket()
 
 
+@pytest.fixture(autouse=True)
+def _local_ray_up(request):
+    """A test that uses ``local_ray`` gets it up: a test before may have shut it down (every
+    stage run in-process ends with ``ray_backend.shutdown()``), and Ray's auto-init would start
+    one without Tapir's settings (its HOME and auth token), which fails to start."""
+    if "local_ray" in request.fixturenames:
+        from pipeline import ray_backend
+
+        ray_backend.init(num_cpus=2)
+    yield
+
+
 @pytest.fixture(scope="session")
-def _session_ray(s3_server):
+def local_ray(s3_server):
     """Ray in this process for the session; started after the S3 server, so its workers see the endpoint."""
     from pipeline import ray_backend
 
     ray_backend.init(num_cpus=2)
     yield
     ray_backend.shutdown()
-
-
-@pytest.fixture
-def local_ray(_session_ray):
-    """The session's Ray, started again if a test before shut it down (every stage run in-process
-    ends with ``ray_backend.shutdown()``): else Ray's auto-init would start one without Tapir's
-    settings (its HOME, its auth token), and it fails to start."""
-    from pipeline import ray_backend
-
-    ray_backend.init(num_cpus=2)
-    yield
 
 
 FAST = [
